@@ -1,0 +1,82 @@
+"""The ``pollinate`` command. User errors print one line and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pollinate.config import RunConfig, parse_assignments
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TOML tables become dotted keys: [lora] rank = 8 -> lora.rank = 8."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resolve_config(config_file: Path | None, assignments: list[str], run_dir: str | None
+                   ) -> RunConfig:
+    """Defaults, then the TOML file, then ``--set`` pairs, then ``--run-dir``."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ValueError(f"--config: {str(config_file)!r} is not a file")
+        values.update(_flatten(tomllib.loads(config_file.read_text())))
+    values.update(parse_assignments(assignments))
+    if run_dir:
+        values["run-dir"] = run_dir
+    return RunConfig.from_run_config(values)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pollinate.server.app import new_run_id
+    from pollinate.server.simulation import simulate
+
+    cfg = resolve_config(args.config, args.set, args.run_dir)
+    simulate(cfg, cfg.resolved_run_dir(new_run_id()).resolve(), verbose=args.verbose)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="pollinate", description="Federated and on-device fine-tuning of language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sim = commands.add_parser(
+        "simulate", help="run a federation locally in Flower's simulation engine",
+        description="Run a federation locally: the ServerApp and many ClientApps in Flower's "
+                    "simulation engine. Keys are those of [tool.flwr.app.config] in pyproject.toml.")
+    sim.add_argument("--config", type=Path, help="a TOML file of run-config keys")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one key, e.g. --set rounds=5 --set lora.rank=16")
+    sim.add_argument("--run-dir", help="where the run folder goes (default runs/<run-id>)")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.set_defaults(func=_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ValueError as err:
+        if os.environ.get("POLLINATE_DEBUG"):
+            raise
+        print(f"pollinate: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The run configuration: one frozen dataclass per concern, validated on construction.
+
+Keys are kebab-case as Flower writes them; nested tables become dotted keys (``lora.rank``). The same
+keys are accepted by ``pollinate simulate --set``, ``flwr run . --run-config`` and
+``[tool.flwr.app.config]`` in pyproject.toml. Each field names its key in ``metadata["key"]``; a nested
+dataclass names its table in ``metadata["table"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Scalar = bool | int | float | str
+
+GENERATION = "generation"
+CLASSIFICATION = "classification"
+TASKS = (GENERATION, CLASSIFICATION)
+PARTITIONERS = ("iid", "dirichlet", "natural")
+AUTO = "auto"
+
+# LoRA targets chosen by `lora.targets = "auto"`: the attention projections of each family.
+DEFAULT_TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "bert": ("query", "key", "value"),
+}
+
+
+def _key(name: str) -> dict[str, str]:
+    return {"key": name}
+
+
+def _fail(key: str, value: object, allowed: str) -> ValueError:
+    """The one-line error every bad configuration value raises."""
+    return ValueError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise _fail(key, value, "it must be greater than 0")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters (https://arxiv.org/abs/2106.09685)."""
+
+    rank: int = field(default=8, metadata=_key("rank"))
+    """Rank r of every adapter (overridden per client by ``ranks``)."""
+    alpha: float = field(default=16.0, metadata=_key("alpha"))
+    """Scale numerator: ΔW = (alpha / r) · B A."""
+    targets: str = field(default=AUTO, metadata=_key("targets"))
+    """Comma-separated module names, or "auto" for the attention projections of the model family."""
+    ranks: str = field(default="", metadata=_key("ranks"))
+    """One rank per client, comma-separated (heterogeneous ranks); empty means ``rank`` everywhere."""
+    dropout: float = field(default=0.0, metadata=_key("dropout"))
+    """Dropout on the adapter input; 0 keeps training deterministic."""
+
+    def __post_init__(self) -> None:
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise _fail("lora.dropout", self.dropout, "allowed: 0 <= dropout < 1")
+        for r in self.rank_list():
+            _positive("lora.ranks", r)
+
+    def rank_list(self) -> list[int]:
+        """The per-client ranks from ``ranks``, empty when every client uses ``rank``."""
+        try:
+            return [int(x) for x in self.ranks.split(",") if x.strip()]
+        except ValueError:
+            raise _fail("lora.ranks", self.ranks, "give integers separated by commas") from None
+
+    def rank_for(self, client: int) -> int:
+        """The rank of client ``client`` (0-based)."""
+        ranks = self.rank_list()
+        return ranks[client % len(ranks)] if ranks else self.rank
+
+    def target_list(self, family: str) -> list[str]:
+        """Module names to adapt in a model of ``family`` (``"llama"``, ``"bert"``, ...)."""
+        if self.targets != AUTO:
+            return [t.strip() for t in self.targets.split(",") if t.strip()]
+        if family not in DEFAULT_TARGETS:
+            allowed = ", ".join(DEFAULT_TARGETS)
+            raise _fail("lora.targets", AUTO, f"'auto' knows {allowed}; name the modules")
+        return list(DEFAULT_TARGETS[family])
+
+
+@dataclass(frozen=True)
+class DataFields:
+    """Column names in a user's local .jsonl/.csv file."""
+
+    prompt: str = field(default="prompt", metadata=_key("prompt-field"))
+    response: str = field(default="response", metadata=_key("response-field"))
+    text: str = field(default="text", metadata=_key("text-field"))
+    label: str = field(default="label", metadata=_key("label-field"))
+    category: str = field(default="category", metadata=_key("category-field"))
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """How the local simulation engine runs clients."""
+
+    workers: int = field(default=2, metadata=_key("workers"))
+    """Clients trained at the same time, each on one CPU thread (Ray actors)."""
+
+    def __post_init__(self) -> None:
+        _positive("sim.workers", self.workers)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federated run needs; built by :meth:`from_run_config`."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata=_key("model"))
+    task: str = field(default=GENERATION, metadata=_key("task"))
+    dataset: str = field(default=AUTO, metadata=_key("dataset"))
+    """A built-in dataset, a .jsonl/.csv file, or "auto" (the default dataset of the task)."""
+    partitioner: str = field(default="natural", metadata=_key("partitioner"))
+    dirichlet_alpha: float = field(default=0.5, metadata=_key("dirichlet-alpha"))
+    num_clients: int = field(default=4, metadata=_key("num-clients"))
+    rounds: int = field(default=3, metadata=_key("rounds"))
+    local_steps: int = field(default=10, metadata=_key("local-steps"))
+    batch_size: int = field(default=4, metadata=_key("batch-size"))
+    max_seq_len: int = field(default=64, metadata=_key("max-seq-len"))
+    lr: float = field(default=1e-3, metadata=_key("lr"))
+    seed: int = field(default=0, metadata=_key("seed"))
+    strategy: str = field(default="fedit", metadata=_key("strategy"))
+    eval_examples: int = field(default=32, metadata=_key("eval-examples"))
+    """Size of the held-out split that no client sees; the server evaluates on it."""
+    run_dir: str = field(default="", metadata=_key("run-dir"))
+    """Where the run folder goes; empty means runs/<run-id>."""
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"table": "lora"})
+    data: DataFields = field(default_factory=DataFields, metadata={"table": "data"})
+    sim: SimulationSettings = field(default_factory=SimulationSettings, metadata={"table": "sim"})
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise _fail("task", self.task, f"allowed: {', '.join(TASKS)}")
+        if self.partitioner not in PARTITIONERS:
+            raise _fail("partitioner", self.partitioner, f"allowed: {', '.join(PARTITIONERS)}")
+        for key in ("dirichlet-alpha", "num-clients", "rounds", "local-steps", "batch-size",
+                    "lr", "eval-examples"):
+            _positive(key, getattr(self, key.replace("-", "_")))
+        if self.max_seq_len < 8:
+            raise _fail("max-seq-len", self.max_seq_len, "it must be at least 8")
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset to load: ``dataset``, or the task's default when it is "auto"."""
+        if self.dataset != AUTO:
+            return self.dataset
+        return "chatterbot" if self.task == GENERATION else "rotten-tomatoes"
+
+    @property
+    def partition_by(self) -> str:
+        """The column that non-IID partitioners split on."""
+        return "category" if self.task == GENERATION else "label"
+
+    def resolved_run_dir(self, run_id: str) -> Path:
+        """The run folder of run ``run_id``."""
+        return Path(self.run_dir) if self.run_dir else Path("runs") / run_id
+
+    @classmethod
+    def from_run_config(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from flat kebab-case keys; unknown keys and wrong types raise ValueError."""
+        known = set(flat_keys(cls))
+        for key in values:
+            if key not in known:
+                raise _fail(key, values[key], f"unknown key; known keys: {', '.join(sorted(known))}")
+        return _build(cls, values, prefix="")
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """Flat kebab-case keys and scalar values, the inverse of :meth:`from_run_config`."""
+        return _flatten(self, prefix="")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def flat_keys(cls: type) -> list[str]:
+    """Every flat key a config dataclass accepts, nested tables as dotted keys."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        if "table" in f.metadata:
+            sub = _field_type(cls, f.name)
+            keys += [f"{f.metadata['table']}.{k}" for k in flat_keys(sub)]
+        else:
+            keys.append(f.metadata["key"])
+    return keys
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = _field_type(cls, f.name)
+        if "table" in f.metadata:
+            kwargs[f.name] = _build(kind, values, prefix + f.metadata["table"] + ".")
+        elif (key := prefix + f.metadata["key"]) in values:
+            kwargs[f.name] = _coerce(key, values[key], kind)
+    return cls(**kwargs)
+
+
+def _flatten(obj: Any, prefix: str) -> dict[str, Scalar]:
+    flat: dict[str, Scalar] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if "table" in f.metadata:
+            flat.update(_flatten(value, prefix + f.metadata["table"] + "."))
+        else:
+            flat[prefix + f.metadata["key"]] = value
+    return flat
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Scalar:
+    """Turn a TOML/CLI value into the field's type; strings from ``--set`` are parsed."""
+    if isinstance(kind, types.UnionType):  # pragma: no cover - no optional fields today
+        kind = kind.__args__[0]
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                return value.lower() == "true"
+            return bool(value)
+        if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
+            raise ValueError
+        return typing.cast(Scalar, kind(value))
+    except (TypeError, ValueError):
+        raise _fail(key, value, f"expected {kind.__name__}") from None
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """Parse ``key=value`` strings (``--set`` and ``--run-config``) into a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set: {item!r} is not key=value")
+        out[key.strip()] = value.strip().strip('"')
+    return out

@@ -1,0 +1,81 @@
+"""The ServerApp: resolves the configuration, checks it by building the global model, runs the rounds.
+
+``flwr run .`` reaches :data:`app`, which reads ``context.run_config``; ``pollinate simulate`` builds the
+same app with :func:`make_server_app` around a configuration and global model it has already checked.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from pollinate.config import GENERATION, RunConfig
+from pollinate.server.global_model import GlobalModel
+from pollinate.server.loop import run_federation
+from pollinate.server.progress import RoundProgress
+from pollinate.server.rundir import RunDir
+
+
+def new_run_id() -> str:
+    """A sortable, unique run name: 20261121-101500-3fa2."""
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel | None = None
+          ) -> dict[str, Any]:
+    """Run the federation into ``run_path``; print the outcome; return the summary."""
+    model = global_model or GlobalModel(cfg)
+    run_dir = RunDir(run_path)
+    with RoundProgress(cfg.rounds) as progress:
+        summary = run_federation(grid, cfg, run_dir, model, progress)
+        if cfg.task == GENERATION:
+            summary["sample"] = _sample_answers(model)
+            run_dir.write_json("summary.json", summary)
+        _print_outcome(progress, summary, run_path)
+    return summary
+
+
+def _sample_answers(model: GlobalModel) -> dict[str, str]:
+    """Greedy answers of the base and the fine-tuned model to the first held-out question."""
+    prompt = str(model.heldout[0]["prompt"])
+    return {"prompt": prompt, "reference": str(model.heldout[0]["response"]),
+            "base": model.answer(prompt, base=True), "fine_tuned": model.answer(prompt, base=False)}
+
+
+def _print_outcome(progress: RoundProgress, summary: dict[str, Any], run_path: Path) -> None:
+    before, after = summary["initial_eval"], summary["final_eval"]
+    line = f"eval loss {before['loss']:.3f} -> {after['loss']:.3f}"
+    if "accuracy" in after:
+        line += f"   accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}"
+    progress.print(line)
+    if "sample" in summary:
+        s = summary["sample"]
+        progress.print(f"question:   {s['prompt']}\nbase:       {s['base']}\n"
+                       f"fine-tuned: {s['fine_tuned']}\nreference:  {s['reference']}")
+    progress.print(f"run folder: {run_path}")
+
+
+def make_server_app(cfg: RunConfig, run_path: Path, global_model: GlobalModel) -> ServerApp:
+    """A ServerApp bound to an already-checked configuration (used by ``pollinate simulate``)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        serve(grid, cfg, run_path, global_model)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: the configuration comes from the run config."""
+    cfg = RunConfig.from_run_config(dict(context.run_config))
+    serve(grid, cfg, cfg.resolved_run_dir(new_run_id()).resolve())

@@ -1,0 +1,68 @@
+"""What crosses the wire between the ServerApp and the ClientApps: record keys and conversions.
+
+Every record and metric name used in a message is a constant here, so the server, the clients and the
+strategies agree on them by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+ROUND = "server-round"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+EXAMPLES_SEEN = "examples-seen"
+TOKENS_SEEN = "tokens-seen"
+BYTES_DOWN = "bytes-down"
+PEAK_MEM = "peak-mem-bytes"
+EVAL_LOSS = "eval-loss"
+ACCURACY = "accuracy"
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """An ArrayRecord of fp32 tensors (ArrayRecord rejects bfloat16)."""
+    return ArrayRecord({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of an ArrayRecord, in its key order."""
+    return dict(record.to_torch_state_dict())
+
+
+def config_record(values: Mapping[str, bool | int | float | str], server_round: int) -> ConfigRecord:
+    """The run configuration plus the round number, as sent with every instruction."""
+    return ConfigRecord({**values, ROUND: server_round})
+
+
+def run_config_of(record: ConfigRecord) -> dict[str, bool | int | float | str]:
+    """The run configuration inside a ConfigRecord made by :func:`config_record`."""
+    return {k: v for k, v in record.items() if k != ROUND}  # type: ignore[misc]
+
+
+def metric(record: MetricRecord, key: str, default: float = 0.0) -> float:
+    """A scalar metric, ``default`` when absent."""
+    value = record.get(key, default)
+    return float(value) if isinstance(value, int | float) else default
+
+
+class _Serialisable(Protocol):
+    """Flower's records, arrays and chunks: each serialises itself and names its children."""
+
+    @property
+    def children(self) -> Mapping[str, _Serialisable] | None: ...
+
+    def deflate(self) -> bytes: ...
+
+
+def wire_bytes(obj: _Serialisable) -> int:
+    """Bytes of the serialised object tree Flower transmits (record, arrays, their chunks)."""
+    return len(obj.deflate()) + sum(wire_bytes(child) for child in (obj.children or {}).values())

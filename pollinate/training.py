@@ -1,0 +1,91 @@
+"""The loops both apps run: local training steps, evaluation and greedy generation. Pure torch."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pollinate.data import IGNORE_INDEX, collate
+
+Example = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training did."""
+
+    loss: float
+    """Mean training loss over the steps."""
+    examples: int
+    tokens: int
+    seconds: float
+
+
+def batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
+    """Endless shuffled batches: a fresh permutation from its own generator every epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        full = max(len(order) // batch_size, 1)  # drop the ragged tail; a tiny share is one batch
+        for i in range(full):
+            yield [examples[j] for j in order[i * batch_size : (i + 1) * batch_size]]
+
+
+def train_local(model: nn.Module, examples: Sequence[Example], *, steps: int, batch_size: int,
+                lr: float, pad_id: int, seed: int) -> TrainResult:
+    """``steps`` AdamW steps on the trainable parameters of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    start, total_loss, seen, tokens = time.perf_counter(), 0.0, 0, 0
+    stream = batches(examples, batch_size, seed)
+    for _ in range(steps):
+        batch = collate(next(stream), pad_id)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.item()
+        seen += batch["input_ids"].shape[0]
+        tokens += int(batch["attention_mask"].sum())
+    model.eval()
+    return TrainResult(total_loss / steps, seen, tokens, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[Example], *, batch_size: int, pad_id: int,
+             classification: bool) -> dict[str, float]:
+    """Mean loss per target (answer token or example); accuracy or perplexity beside it."""
+    model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(list(examples[i : i + batch_size]), pad_id)
+        out = model(**batch)
+        labels = batch["labels"]
+        # HF losses are means over the batch's targets; weigh each batch by its target count.
+        n = labels.numel() if classification else int((labels[:, 1:] != IGNORE_INDEX).sum())
+        loss_sum += out.loss.item() * n
+        count += n
+        if classification:
+            correct += int((out.logits.argmax(-1) == labels).sum())
+    loss = loss_sum / max(count, 1)
+    if classification:
+        return {"loss": loss, "accuracy": correct / max(count, 1)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: int,
+                    eos_id: int | None) -> list[int]:
+    """Greedy decoding with the KV cache; returns the new token ids only."""
+    model.eval()
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
+    return [int(t) for t in out[0, len(prompt_ids):]]
