@@ -1,0 +1,42 @@
+"""Data for pollinate: offline built-in datasets, client partitions and tokenization.
+
+This package imports torch, transformers, datasets and flwr-datasets only, never Flower.
+"""
+
+from pollinate.data.datasets import (
+    BUILTIN_DATASETS,
+    CLASSIFICATION,
+    GENERATION,
+    TASKS,
+    Fields,
+    default_dataset,
+    load_dataset,
+)
+from pollinate.data.partition import PARTITIONERS, partition, split_heldout
+from pollinate.data.tokenize import (
+    IGNORE_INDEX,
+    collate,
+    encode_classification,
+    encode_dataset,
+    encode_generation,
+    encode_prompt,
+)
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "CLASSIFICATION",
+    "GENERATION",
+    "IGNORE_INDEX",
+    "PARTITIONERS",
+    "TASKS",
+    "Fields",
+    "collate",
+    "default_dataset",
+    "encode_classification",
+    "encode_dataset",
+    "encode_generation",
+    "encode_prompt",
+    "load_dataset",
+    "partition",
+    "split_heldout",
+]
