@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import tomllib
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        # Library deprecation notes (transformers, peft, Ray) are not for the user of this command.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pollinate.data import GENERATION, PARTITIONERS, TASKS, default_dataset
+
 Scalar = bool | int | float | str
 
-GENERATION = "generation"
-CLASSIFICATION = "classification"
-TASKS = (GENERATION, CLASSIFICATION)
-PARTITIONERS = ("iid", "dirichlet", "natural")
 AUTO = "auto"
 
 # LoRA targets chosen by `lora.targets = "auto"`: the attention projections of each family.
@@ -152,9 +150,7 @@ class RunConfig:
     @property
     def dataset_name(self) -> str:
         """The dataset to load: ``dataset``, or the task's default when it is "auto"."""
-        if self.dataset != AUTO:
-            return self.dataset
-        return "chatterbot" if self.task == GENERATION else "rotten-tomatoes"
+        return self.dataset if self.dataset != AUTO else default_dataset(self.task)
 
     @property
     def partition_by(self) -> str:

@@ -192,7 +192,7 @@ def model_tasks(name: str) -> tuple[str, ...]:
     return _tasks_from_config(_read_config_json(_local_folder(name)))
 
 
-def _check_task(name: str, task: str) -> None:
+def check_task(name: str, task: str) -> None:
     """Raise ValueError unless ``task`` is known and supported by model ``name``."""
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not a known task; allowed: {', '.join(TASKS)}")
@@ -539,7 +539,7 @@ def load_model(
         If ``name`` is unknown, ``task`` is unknown or unsupported by the model, or ``num_labels``
         or ``seed`` is out of range.
     """
-    _check_task(name, task)
+    check_task(name, task)
     _check_int("num_labels", num_labels, 1, 1_000_000)
     _check_int("seed", seed, 0, 2**63 - 1)
     tokenizer = load_tokenizer(name)

@@ -86,6 +86,7 @@ def greedy_generate(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: 
     """Greedy decoding with the KV cache; returns the new token ids only."""
     model.eval()
     ids = torch.tensor([prompt_ids])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
+    generate: Any = model.generate  # a transformers model's generate (nn.Module does not type it)
+    out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                   max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
     return [int(t) for t in out[0, len(prompt_ids):]]

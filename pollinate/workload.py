@@ -15,8 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pollinate import models
 from pollinate.adapters import LoraAdapter, LoraAdapterConfig
-from pollinate.config import CLASSIFICATION, RunConfig
-from pollinate.data import Fields, load_dataset, partition, split_heldout
+from pollinate.config import RunConfig
+from pollinate.data import CLASSIFICATION, Fields, load_dataset, partition, split_heldout
 
 
 def _fields(cfg: RunConfig) -> Fields:

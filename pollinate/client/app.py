@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerBase
 from pollinate import workload
 from pollinate.adapters import LoraAdapter
 from pollinate.client.memory import peak_bytes, reset_peak
-from pollinate.config import CLASSIFICATION, RunConfig
-from pollinate.data import encode_dataset
+from pollinate.config import RunConfig
+from pollinate.data import CLASSIFICATION, encode_dataset
 from pollinate.strategies import wire
 from pollinate.training import evaluate, train_local
 
@@ -63,11 +63,11 @@ def _share(cfg: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, _Adapted]:
     """Configuration, round, partition and the model holding the received global adapter."""
-    record = msg.content[wire.CONFIG]
+    record = wire.config_of(msg)
     cfg = RunConfig.from_run_config(wire.run_config_of(record))
     partition_id = int(context.node_config["partition-id"])
     node = _adapted(cfg, cfg.lora.rank_for(partition_id))
-    node.adapter.load_state(node.model, wire.from_record(msg.content[wire.ARRAYS]))
+    node.adapter.load_state(node.model, wire.from_record(wire.arrays_of(msg)))
     return cfg, int(record[wire.ROUND]), partition_id, node  # type: ignore[arg-type]
 
 
@@ -88,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.TOKENS_SEEN: result.tokens,
         wire.TRAIN_LOSS: result.loss,
         wire.TRAIN_SECONDS: result.seconds,
-        wire.BYTES_DOWN: wire.wire_bytes(msg.content[wire.ARRAYS]),
+        wire.BYTES_DOWN: wire.wire_bytes(wire.arrays_of(msg)),
         wire.PEAK_MEM: peak_bytes(),
     })
     arrays: ArrayRecord = wire.to_record(node.adapter.trainable_state(node.model))

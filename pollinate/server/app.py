@@ -19,6 +19,7 @@ from pollinate.server.global_model import GlobalModel
 from pollinate.server.loop import run_federation
 from pollinate.server.progress import RoundProgress
 from pollinate.server.rundir import RunDir
+from pollinate.strategies import build_strategy
 
 
 def new_run_id() -> str:
@@ -26,10 +27,16 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
+def prepare(cfg: RunConfig) -> GlobalModel:
+    """Check everything a run needs before any client trains; returns the global model."""
+    build_strategy(cfg.strategy, cfg.num_clients)
+    return GlobalModel(cfg)
+
+
 def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel | None = None
           ) -> dict[str, Any]:
     """Run the federation into ``run_path``; print the outcome; return the summary."""
-    model = global_model or GlobalModel(cfg)
+    model = global_model or prepare(cfg)
     run_dir = RunDir(run_path)
     with RoundProgress(cfg.rounds) as progress:
         summary = run_federation(grid, cfg, run_dir, model, progress)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from pollinate import workload
+from pollinate import models, workload
 from pollinate.adapters import State
-from pollinate.config import CLASSIFICATION, RunConfig
-from pollinate.data import encode_dataset, encode_prompt
+from pollinate.config import RunConfig
+from pollinate.data import CLASSIFICATION, encode_dataset, encode_prompt
 from pollinate.training import evaluate, greedy_generate
 
 EVAL_BATCH = 8  # held-out batches; larger ones only raise peak memory on a 2-core machine
@@ -25,12 +25,13 @@ class GlobalModel:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        models.check_task(cfg.model, cfg.task)  # cheapest checks first: names, then data
+        workload.shares(cfg)  # data before the model: a bad dataset or impossible split fails in seconds
         model, self.tokenizer = workload.base_model(cfg)
         self.adapter = workload.lora_adapter(cfg, model, cfg.lora.rank)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)  # peft draws A from the global RNG: make it the run's seed
             self.model = self.adapter.attach(model)
-        workload.shares(cfg)  # partition now so impossible splits fail before training
         _, heldout = workload.splits(cfg)
         self.heldout = heldout
         self.encoded = encode_dataset(heldout, self.tokenizer, cfg.task, cfg.max_seq_len)
@@ -51,7 +52,7 @@ class GlobalModel:
 
     def save(self, folder: Path) -> None:
         """The global adapter in peft format (``PeftModel.from_pretrained(base, folder)``)."""
-        self.model.save_pretrained(folder)
+        self.model.save_pretrained(str(folder))
 
     def answer(self, prompt: str, *, base: bool, max_new_tokens: int = 32) -> str:
         """Greedy answer to ``prompt`` from the fine-tuned model, or from the base when ``base``."""

@@ -59,7 +59,7 @@ def client_event(server_round: int, reply: Message, bytes_down: int) -> dict[str
     if reply.has_error():
         return {"round": server_round, "event": "failed", "node_id": node,
                 "reason": reply.error.reason}
-    m = reply.content[wire.METRICS]
+    m = wire.metrics_of(reply)
     return {
         "round": server_round, "event": "client", "node_id": node, "method": "lora",
         "num_examples": int(wire.metric(m, wire.NUM_EXAMPLES)),
@@ -69,7 +69,7 @@ def client_event(server_round: int, reply: Message, bytes_down: int) -> dict[str
         "train_seconds": wire.metric(m, wire.TRAIN_SECONDS),
         "peak_mem_bytes": int(wire.metric(m, wire.PEAK_MEM)),
         "budget_bytes": None,
-        "bytes_up": wire.wire_bytes(reply.content[wire.ARRAYS]),
+        "bytes_up": wire.wire_bytes(wire.arrays_of(reply)),
         "bytes_down": bytes_down,
     }
 
@@ -109,9 +109,12 @@ class Federation:
         self.totals.bytes_up += up
         self.totals.bytes_down += down
         train_loss = wire.metric(agg, wire.TRAIN_LOSS) if agg is not None else None
-        self.run_dir.append_event({"round": server_round, "event": "train", "sampled": len(messages),
-                                   "accepted": len(ok), "train_loss": train_loss,
-                                   "bytes_up": up, "bytes_down": down})
+        self.run_dir.append_event({
+            "round": server_round, "event": "train", "sampled": len(messages), "accepted": len(ok),
+            "train_loss": train_loss, "bytes_up": up, "bytes_down": down,
+            # send to aggregated, without the server's evaluation (that is in the evaluate event)
+            "round_seconds": time.perf_counter() - start,
+            "client_train_seconds": sum(e["train_seconds"] for e in ok)})
         if new_arrays is not None:
             arrays = new_arrays
             self.model.load(wire.from_record(arrays))

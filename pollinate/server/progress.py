@@ -5,7 +5,14 @@ from __future__ import annotations
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 
 def human_bytes(n: float) -> str:
@@ -22,11 +29,11 @@ class RoundProgress:
 
     def __init__(self, rounds: int, console: Console | None = None) -> None:
         self.rounds = rounds
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(soft_wrap=True)  # long lines stay whole in logs
         self._bar = Progress(TextColumn("round {task.fields[round]}/{task.fields[rounds]}"),
                              BarColumn(), MofNCompleteColumn(), TextColumn("clients"),
                              TimeElapsedColumn(), console=self.console, transient=True)
-        self._task: int | None = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> RoundProgress:
         self._bar.start()
@@ -56,6 +63,6 @@ class RoundProgress:
         """The round's summary line."""
         loss = f"{train_loss:.3f}" if train_loss is not None else "-"
         extra = "".join(f"  {k} {v:.3f}" for k, v in scores.items() if k != "loss")
-        self.print(f"round {server_round}/{self.rounds}  clients {done}/{sampled}  "
-                   f"train loss {loss}  eval loss {scores['loss']:.3f}{extra}  "
-                   f"up {human_bytes(bytes_up)}  down {human_bytes(bytes_down)}  {seconds:.1f} s")
+        self.print(f"round {server_round}/{self.rounds}  clients {done}/{sampled}  train loss {loss}  "
+                   f"eval loss {scores['loss']:.3f}{extra}  up {human_bytes(bytes_up)}  "
+                   f"down {human_bytes(bytes_down)}  {seconds:.1f} s")

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from flwr.simulation import run_simulation
+from transformers.utils import logging as transformers_logging
 
 from pollinate.client.app import app as client_app
 from pollinate.config import RunConfig
-from pollinate.server.app import make_server_app
-from pollinate.server.global_model import GlobalModel
+from pollinate.server.app import make_server_app, prepare
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -26,13 +26,25 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def _quiet_libraries() -> None:
+    """Keep the console for pollinate's progress: no library progress bars or deprecation notes.
+
+    Set before Ray starts, the environment variables reach the simulation workers too.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # hides the run_simulation deprecation note
+
+
 def simulate(cfg: RunConfig, run_path: Path, verbose: bool = False) -> dict[str, Any]:
     """Check ``cfg`` by building the global model, then run the federation; returns the summary."""
-    global_model = GlobalModel(cfg)  # every configuration error stops here, before Ray starts
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)  # hides the run_simulation deprecation note
+        _quiet_libraries()
+    global_model = prepare(cfg)  # every configuration error stops here, before Ray starts
     run_simulation(server_app=make_server_app(cfg, run_path, global_model), client_app=client_app,
                    num_supernodes=cfg.num_clients, backend_config=backend_config(cfg),
                    verbose_logging=verbose)

@@ -10,12 +10,14 @@ STRATEGIES: dict[str, type] = {"fedit": FedIt}
 
 
 def build_strategy(name: str, num_clients: int) -> Strategy:
-    """The strategy called ``name``, sampling every one of ``num_clients`` clients each round."""
+    """The strategy called ``name``, sampling every one of ``num_clients`` clients each round.
+
+    The server evaluates centrally on the held-out split; the round loop does not ask clients to.
+    """
     if name not in STRATEGIES:
         raise ValueError(f"strategy: {name!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
     strategy: Strategy = STRATEGIES[name](
         fraction_train=1.0,
-        fraction_evaluate=0.0,  # the server evaluates centrally on the held-out split
         min_train_nodes=num_clients,
         min_available_nodes=num_clients,  # nodes register lazily: wait for all of them
     )

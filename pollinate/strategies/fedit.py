@@ -13,12 +13,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from pollinate.aggregation import weighted_average
 from pollinate.strategies.wire import (
-    ARRAYS,
-    METRICS,
     NUM_EXAMPLES,
     TRAIN_LOSS,
+    arrays_of,
     from_record,
     metric,
+    metrics_of,
     to_record,
 )
 
@@ -33,9 +33,9 @@ class FedIt(FedAvg):
         good = [m for m in replies if not m.has_error()]
         if not good:
             return None, None
-        weights = [metric(m.content[METRICS], NUM_EXAMPLES) for m in good]
-        states = [from_record(m.content[ARRAYS]) for m in good]
-        losses = [metric(m.content[METRICS], TRAIN_LOSS) for m in good]
+        weights = [metric(metrics_of(m), NUM_EXAMPLES) for m in good]
+        states = [from_record(arrays_of(m)) for m in good]
+        losses = [metric(metrics_of(m), TRAIN_LOSS) for m in good]
         total = sum(weights)
         loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / total
         return to_record(weighted_average(states, weights)), MetricRecord(

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -36,6 +36,21 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """The tensors of an ArrayRecord, in its key order."""
     return dict(record.to_torch_state_dict())
+
+
+def arrays_of(msg: Message) -> ArrayRecord:
+    """The ArrayRecord a message carries."""
+    return msg.content.array_records[ARRAYS]
+
+
+def metrics_of(msg: Message) -> MetricRecord:
+    """The MetricRecord a reply carries."""
+    return msg.content.metric_records[METRICS]
+
+
+def config_of(msg: Message) -> ConfigRecord:
+    """The ConfigRecord an instruction carries."""
+    return msg.content.config_records[CONFIG]
 
 
 def config_record(values: Mapping[str, bool | int | float | str], server_round: int) -> ConfigRecord:

@@ -41,7 +41,7 @@ class LoraAdapterConfig:
         """The equivalent peft ``LoraConfig``."""
         return LoraConfig(
             r=self.rank,
-            lora_alpha=self.alpha,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft accepts any number
             target_modules=list(self.targets),
             lora_dropout=self.dropout,
             task_type=_TASK_TYPES[self.task],
@@ -76,7 +76,7 @@ class LoraAdapter:
     def delta_weights(self, model: nn.Module) -> State:
         """ΔW = s · B A of every adapted layer, keyed by the layer's module name."""
         return {
-            name: module.get_delta_weight(ADAPTER_NAME).detach()
+            name: module.get_delta_weight(ADAPTER_NAME).detach()  # type: ignore[attr-defined]
             for name, module in model.named_modules()
             if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
         }
