@@ -19,7 +19,7 @@ def _adapted(seed: int) -> tuple[LoraAdapter, torch.nn.Module]:
 
 def _train_a_little(model: torch.nn.Module) -> None:
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
 
