@@ -130,6 +130,8 @@ class RunConfig:
     strategy: str = field(default="fedit", metadata=_key("strategy"))
     eval_examples: int = field(default=32, metadata=_key("eval-examples"))
     """Size of the held-out split that no client sees; the server evaluates on it."""
+    save_updates: bool = field(default=False, metadata=_key("save-updates"))
+    """Keep every accepted client update in the round's checkpoint (audits, exactness tests)."""
     run_dir: str = field(default="", metadata=_key("run-dir"))
     """Where the run folder goes; empty means runs/<run-id>."""
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"table": "lora"})

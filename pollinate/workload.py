@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from datasets import Dataset
+from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -58,3 +60,15 @@ def lora_adapter(cfg: RunConfig, model: nn.Module, rank: int) -> LoraAdapter:
     return LoraAdapter(LoraAdapterConfig(
         rank=rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.target_list(family)),
         task=cfg.task, dropout=cfg.lora.dropout))
+
+
+def attach(cfg: RunConfig, adapter: LoraAdapter, model: nn.Module) -> PeftModel:
+    """``adapter`` on ``model`` with A drawn from the run's seed, identical on every node."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)  # peft draws A from the global RNG
+        return adapter.attach(model)
+
+
+def round_seed(cfg: RunConfig, server_round: int, client: int = -1) -> int:
+    """A seed of its own for each (round, client): data order, fresh adapters."""
+    return (cfg.seed * 1_000_003 + server_round * 10_007 + client) % 2**31

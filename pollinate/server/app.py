@@ -29,7 +29,7 @@ def new_run_id() -> str:
 
 def prepare(cfg: RunConfig) -> GlobalModel:
     """Check everything a run needs before any client trains; returns the global model."""
-    build_strategy(cfg.strategy, cfg.num_clients)
+    build_strategy(cfg)
     return GlobalModel(cfg)
 
 
@@ -38,20 +38,16 @@ def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel 
     """Run the federation into ``run_path``; print the outcome; return the summary."""
     model = global_model or prepare(cfg)
     run_dir = RunDir(run_path)
+    sample = model.heldout[0] if cfg.task == GENERATION else None
+    base_answer = model.answer(str(sample["prompt"])) if sample else ""  # before any merge
     with RoundProgress(cfg.rounds) as progress:
         summary = run_federation(grid, cfg, run_dir, model, progress)
-        if cfg.task == GENERATION:
-            summary["sample"] = _sample_answers(model)
+        if sample:
+            summary["sample"] = {"prompt": sample["prompt"], "reference": sample["response"],
+                                 "base": base_answer, "fine_tuned": model.answer(str(sample["prompt"]))}
             run_dir.write_json("summary.json", summary)
         _print_outcome(progress, summary, run_path)
     return summary
-
-
-def _sample_answers(model: GlobalModel) -> dict[str, str]:
-    """Greedy answers of the base and the fine-tuned model to the first held-out question."""
-    prompt = str(model.heldout[0]["prompt"])
-    return {"prompt": prompt, "reference": str(model.heldout[0]["response"]),
-            "base": model.answer(prompt, base=True), "fine_tuned": model.answer(prompt, base=False)}
 
 
 def _print_outcome(progress: RoundProgress, summary: dict[str, Any], run_path: Path) -> None:

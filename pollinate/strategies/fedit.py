@@ -6,38 +6,15 @@ keeps this strategy as the reference that the exact strategies are measured agai
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
-
-from pollinate.aggregation import weighted_average
-from pollinate.strategies.wire import (
-    NUM_EXAMPLES,
-    TRAIN_LOSS,
-    arrays_of,
-    from_record,
-    metric,
-    metrics_of,
-    to_record,
-)
+from pollinate.aggregation import LoraFactors, weighted_average
+from pollinate.strategies.base import Aggregate, LoraStrategy
 
 
-class FedIt(FedAvg):
-    """Weighted FedAvg of every trainable tensor, factors included."""
+class FedIt(LoraStrategy):
+    """Weighted FedAvg of every trainable tensor, factors included (inexact)."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the replies' states by their number of examples."""
-        good = [m for m in replies if not m.has_error()]
-        if not good:
-            return None, None
-        weights = [metric(metrics_of(m), NUM_EXAMPLES) for m in good]
-        states = [from_record(arrays_of(m)) for m in good]
-        losses = [metric(metrics_of(m), TRAIN_LOSS) for m in good]
-        total = sum(weights)
-        loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / total
-        return to_record(weighted_average(states, weights)), MetricRecord(
-            {TRAIN_LOSS: loss, NUM_EXAMPLES: int(total)}
-        )
+    def combine(self, clients: Sequence[LoraFactors], weights: Sequence[float]) -> Aggregate:
+        """Σ p_k A_k and Σ p_k B_k separately."""
+        return Aggregate(state=weighted_average([c.to_state() for c in clients], weights))

@@ -13,17 +13,24 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 ARRAYS = "arrays"
+BASE = "base-delta"  # the base-weight deltas a node still has to merge (FLoRA, FedEx-LoRA)
 CONFIG = "config"
 METRICS = "metrics"
 
 ROUND = "server-round"
+BASE_FROM = "base-from"  # the base version the deltas in BASE start from
+BASE_TO = "base-to"  # ... and the version they lead to
 NUM_EXAMPLES = "num-examples"
+RANK = "lora-rank"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 EXAMPLES_SEEN = "examples-seen"
 TOKENS_SEEN = "tokens-seen"
 BYTES_DOWN = "bytes-down"
 PEAK_MEM = "peak-mem-bytes"
+BASE_VERSION = "base-version"  # rounds merged into the replying process's base weights
+BASE_FINGERPRINT = "base-fingerprint"  # a projection of those weights, to check sync
+CATCH_UP = "catch-up"  # 1: the process holds an older base than it was sent; resend from BASE_VERSION
 EVAL_LOSS = "eval-loss"
 ACCURACY = "accuracy"
 
@@ -53,6 +60,12 @@ def config_of(msg: Message) -> ConfigRecord:
     return msg.content.config_records[CONFIG]
 
 
+def base_of(msg: Message) -> ArrayRecord:
+    """The base deltas an instruction carries (empty when there are none)."""
+    records = msg.content.array_records
+    return records[BASE] if BASE in records else ArrayRecord()
+
+
 def config_record(values: Mapping[str, bool | int | float | str], server_round: int) -> ConfigRecord:
     """The run configuration plus the round number, as sent with every instruction."""
     return ConfigRecord({**values, ROUND: server_round})
@@ -60,7 +73,8 @@ def config_record(values: Mapping[str, bool | int | float | str], server_round: 
 
 def run_config_of(record: ConfigRecord) -> dict[str, bool | int | float | str]:
     """The run configuration inside a ConfigRecord made by :func:`config_record`."""
-    return {k: v for k, v in record.items() if k != ROUND}  # type: ignore[misc]
+    return {k: v for k, v in record.items()  # type: ignore[misc]
+            if k not in (ROUND, BASE_FROM, BASE_TO)}
 
 
 def metric(record: MetricRecord, key: str, default: float = 0.0) -> float:

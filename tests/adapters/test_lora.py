@@ -83,3 +83,25 @@ def test_registry() -> None:
     assert "lora" in methods() and method_class("lora") is LoraAdapter
     with pytest.raises(ValueError, match="method"):
         method_class("no-such-method")
+
+
+def test_classification_head_travels_and_frozen_a_does_not() -> None:
+    base, _ = models.load_model("tiny-bert", "classification", seed=0)
+    adapter = LoraAdapter(LoraAdapterConfig(rank=2, alpha=4.0, targets=("query",), task="classification"))
+    model = adapter.attach(base)
+    keys = set(adapter.trainable_state(model))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+    adapter.freeze_a(model)
+    assert not any("lora_A" in k for k in adapter.trainable_state(model))
+    assert any("lora_B" in k for k in adapter.trainable_state(model))
+
+
+def test_reset_gives_a_zero_update_and_a_seeded_a() -> None:
+    adapter, model = _adapted(1)
+    _train_a_little(model)
+    adapter.reset(model, seed=5)
+    assert all(torch.count_nonzero(d) == 0 for d in adapter.delta_weights(model).values())
+    first = adapter.trainable_state(model)
+    adapter.reset(model, seed=5)
+    again = adapter.trainable_state(model)
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -1,21 +1,18 @@
 """FedIT through Flower messages: the weighted mean of every tensor; error replies are skipped."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from flwr.app import Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
+from pollinate.config import RunConfig
 from pollinate.strategies import FedIt, build_strategy, wire
+
+CFG = RunConfig.from_run_config({"model": "tiny-llama", "num-clients": 3})
 
 
 @pytest.fixture(autouse=True)
-def _inside_a_run() -> Iterator[None]:
-    """Flower stamps messages with the running task's identity; give the test one."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]
+def _inside_a_run(flower_task: None) -> None:
+    """Every message here is built as if inside a run."""
 
 
 def _reply(state: dict[str, torch.Tensor], n: int, loss: float) -> Message:
@@ -30,7 +27,7 @@ def test_aggregate_train_is_the_weighted_mean() -> None:
     b = {"x.lora_A": torch.tensor([[5.0, 7.0]]), "x.lora_B": torch.tensor([[6.0]])}
     failed = Message(Error(code=0, reason="boom"),
                      reply_to=Message(RecordDict(), dst_node_id=8, message_type="train"))
-    strategy = build_strategy("fedit", num_clients=3)
+    strategy = build_strategy(CFG)
     assert isinstance(strategy, FedIt)
     arrays, metrics = strategy.aggregate_train(1, [_reply(a, 3, 1.0), _reply(b, 1, 3.0), failed])
     assert arrays is not None and metrics is not None
@@ -43,4 +40,4 @@ def test_aggregate_train_is_the_weighted_mean() -> None:
 def test_no_good_reply_means_no_update() -> None:
     failed = Message(Error(code=0, reason="boom"),
                      reply_to=Message(RecordDict(), dst_node_id=8, message_type="train"))
-    assert build_strategy("fedit", 1).aggregate_train(1, [failed]) == (None, None)
+    assert build_strategy(CFG).aggregate_train(1, [failed]) == (None, None)

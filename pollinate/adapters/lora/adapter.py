@@ -7,7 +7,7 @@ and the dense ΔW an adapter stands for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,23 +63,58 @@ class LoraAdapter:
         return get_peft_model(model, self.config.peft_config())  # type: ignore[arg-type]
 
     def trainable_state(self, model: nn.Module) -> State:
-        """Adapter factors (and, for classification, the trained head) as fp32 copies."""
+        """The adapter tensors that train (so not a frozen A), fp32 copies, in peft's key names."""
         state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-        return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
+        trainable = _trainable_keys(model)
+        return {k: v.detach().to(torch.float32).clone() for k, v in state.items() if k in trainable}
 
-    def load_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        """Load ``state`` into the adapter; every key must be present with its exact shape."""
-        expected = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-        check_state(state, {k: tuple(v.shape) for k, v in expected.items()})
+    def load_state(self, model: nn.Module, state: Mapping[str, torch.Tensor],
+                   keys: Iterable[str] | None = None) -> None:
+        """Load ``state``; it must hold exactly ``keys`` (default: the trainable ones), each in shape."""
+        shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        wanted = set(keys) if keys is not None else _trainable_keys(model)
+        check_state(state, {k: shapes[k] for k in wanted if k in shapes})
         set_peft_model_state_dict(model, dict(state), adapter_name=ADAPTER_NAME)
+
+    def freeze_a(self, model: nn.Module) -> None:
+        """Stop training every A (FFA-LoRA): A stays as drawn from the run's seed."""
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+
+    def reset(self, model: nn.Module, seed: int) -> None:
+        """A fresh adapter: B = 0 (so ΔW = 0) and A drawn anew from ``seed``."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # peft draws A from the global RNG
+            for module in _lora_layers(model).values():
+                module.reset_lora_parameters(ADAPTER_NAME, init_lora_weights=True)
 
     def delta_weights(self, model: nn.Module) -> State:
         """ΔW = s · B A of every adapted layer, keyed by the layer's module name."""
-        return {
-            name: module.get_delta_weight(ADAPTER_NAME).detach()  # type: ignore[attr-defined]
-            for name, module in model.named_modules()
-            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
-        }
+        return {name: m.get_delta_weight(ADAPTER_NAME).detach()  # type: ignore[attr-defined]
+                for name, m in _lora_layers(model).items()}
+
+    def base_weights(self, model: nn.Module) -> State:
+        """The frozen weight W (m×n) under every adapted layer, by module name: merges write here."""
+        return {name: m.get_base_layer().weight.data  # type: ignore[union-attr,misc]
+                for name, m in _lora_layers(model).items()}
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A}
+
+
+def _trainable_keys(model: nn.Module) -> set[str]:
+    """peft state-dict names of the parameters that require grad (peft drops the adapter name)."""
+    suffixes = (f".modules_to_save.{ADAPTER_NAME}.", f".{ADAPTER_NAME}.")  # a trained head, a factor
+    keys = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            for suffix in suffixes:
+                name = name.replace(suffix, ".")
+            keys.add(name)
+    return keys
 
 
 def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -1,0 +1,435 @@
+"""Export a federated checkpoint to an edge bundle: ONNX graph, tokenizer, adapters, signed manifest.
+
+The causal LM is wrapped in a module whose inputs and outputs are flat tensors (``input_ids``,
+``attention_mask``, one ``past_key_values.{i}.key`` / ``.value`` per layer; ``logits`` and
+``present.{i}.key`` / ``.value``) with dynamic batch, sequence and past lengths, so one graph serves
+both the prefill (past length 0) and every decoding step. ``torch.onnx.export(dynamo=True)`` traces it.
+
+Two adapter modes:
+
+``merged``
+    ``merge_and_unload()``, then export and optimise: the fastest graph; a new round needs a new graph.
+``separate``
+    The graph keeps the LoRA branches, with the LoRA weights as overridable inputs (default zero: the
+    graph alone is the base model) and a LoRA scale of 1; each checkpoint becomes an onnxruntime
+    adapter file (:mod:`pollinate.edge.adapters`) that the runner activates. A new round ships only
+    its adapter file (``pollinate export CHECKPOINT --adapter-for BUNDLE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import io
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+from torch.export import Dim
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
+
+from pollinate import models
+from pollinate.edge import adapters, manifest, quantize
+from pollinate.edge.adapters import ADAPTER_MODES
+from pollinate.edge.bundle_pb2 import (
+    AdapterMode,
+    BaseModel,
+    BundleManifest,
+    Graph,
+    LoraInput,
+    Quantization,
+    Task,
+    TokenizerInfo,
+)
+
+__all__ = [
+    "CausalLMWithCache",
+    "SequenceClassifier",
+    "export_bundle",
+    "weights_sha256",
+]
+
+GRAPH_FILE, TOKENIZER_FILE, TEMPLATE_FILE, ADAPTER_DIR = (
+    "model.onnx", "tokenizer.json", "chat_template.jinja", "adapters")
+DEFAULT_MAX_NEW_TOKENS = 128
+_QUANT_ENUM = {"none": Quantization.NONE, "int8": Quantization.INT8, "int4": Quantization.INT4}
+_RANK_AXIS = {".lora_A.": 0, ".lora_B.": 1}  # A is (r, in), B is (out, r)
+# Example sizes for tracing: distinct and above 1, so torch.export keeps every axis symbolic.
+_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 5, 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrappers with flat inputs and outputs
+# --------------------------------------------------------------------------------------------------
+
+
+class CausalLMWithCache(nn.Module):
+    """A causal LM with flat KV-cache tensors in and out.
+
+    ``forward(input_ids (B, S), attention_mask (B, P+S), *past)`` where ``past`` is ``key_0, value_0,
+    key_1, ...``, each (B, kv_heads, P, head_dim); returns ``(logits (B, S, V), *present)`` with
+    present tensors of length P+S. Positions come from the mask (``cumsum - 1``), as transformers'
+    ``generate`` computes them, so left-padded batches decode correctly.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        seq = input_ids.shape[1]
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]  # (B, S)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True)
+        present: list[torch.Tensor] = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]  # each (B, kv_heads, P+S, head_dim)
+        return (out.logits, *present)
+
+
+class SequenceClassifier(nn.Module):
+    """A sequence classifier: ``forward(input_ids (B, S), attention_mask (B, S)) -> logits (B, C)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits
+
+
+def _kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim
+
+
+def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    """``past_key_values.0.key, past_key_values.0.value, ...`` (or ``present.*``)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.onnx.export
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's progress lines, warnings and pass logs."""
+    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _trace(wrapper: nn.Module, task: str, config: Any) -> Any:
+    """Export ``wrapper`` with dynamo and named dynamic axes; returns the unoptimised ONNXProgram."""
+    batch, seq = Dim("batch"), Dim("sequence")
+    ids = torch.randint(0, 8, (_EXAMPLE_BATCH, _EXAMPLE_SEQ))
+    if task == "classification":
+        mask = torch.ones_like(ids)
+        args: tuple[torch.Tensor, ...] = (ids, mask)
+        dynamic: dict[str, Any] = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+        names_in, names_out = ["input_ids", "attention_mask"], ["logits"]
+    else:
+        layers, kv_heads, head_dim = _kv_shape(config)
+        past = [torch.randn(_EXAMPLE_BATCH, kv_heads, _EXAMPLE_PAST, head_dim) for _ in range(2 * layers)]
+        mask = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_PAST + _EXAMPLE_SEQ, dtype=torch.long)
+        args = (ids, mask, *past)
+        past_dim = Dim("past_sequence")
+        dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim("total_sequence")},
+                   "past": tuple({0: batch, 2: past_dim} for _ in past)}
+        names_in = ["input_ids", "attention_mask", *past_names(layers)]
+        names_out = ["logits", *past_names(layers, "present")]
+    with _quiet(), torch.no_grad():
+        return torch.onnx.export(wrapper, args, dynamo=True, optimize=False, dynamic_shapes=dynamic,
+                                 input_names=names_in, output_names=names_out, verbose=False)
+
+
+def _promote_adapter_weights(program: Any, adapter_params: set[str]) -> list[LoraInput]:
+    """Turn the adapter's initializers into overridable graph inputs named by peft's saved keys.
+
+    The rank axis of each LoRA factor becomes the symbolic dimension ``lora_rank``.
+    """
+    graph = program.model.graph
+    inputs: list[LoraInput] = []
+    for name, value in list(graph.initializers.items()):
+        if name not in adapter_params:
+            continue
+        value.name = adapters.graph_input_name(name)
+        dims: list[Any] = list(value.shape)
+        axis = next((a for marker, a in _RANK_AXIS.items() if marker in value.name), None)
+        if axis is not None:
+            dims[axis] = "lora_rank"
+        value.shape = ir.Shape(dims)
+        graph.inputs.append(value)
+        inputs.append(LoraInput(name=value.name, shape=[-1 if isinstance(d, str) else int(d) for d in dims]))
+    missing = {adapters.graph_input_name(p) for p in adapter_params} - {i.name for i in inputs}
+    assert not missing, f"adapter weights not found in the exported graph: {sorted(missing)[:3]}"
+    return sorted(inputs, key=lambda i: i.name)
+
+
+def _export_graph(model: nn.Module, task: str, config: Any, path: Path,
+                  adapter_params: set[str] | None) -> list[LoraInput]:
+    """Trace, optimise and save ``model``; adapter weights become inputs when ``adapter_params``."""
+    wrapper: nn.Module
+    if task == "classification":
+        wrapper = SequenceClassifier(model)
+    else:
+        wrapper = CausalLMWithCache(model, _kv_shape(config)[0])
+    program = _trace(wrapper.eval(), task, config)
+    # Inputs first, then the optimiser: it folds the base weights' transposes but never an input.
+    lora_inputs = _promote_adapter_weights(program, adapter_params) if adapter_params else []
+    with _quiet():
+        program.optimize()
+        program.save(str(path), external_data=False)
+    return lora_inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# Preparing the model
+# --------------------------------------------------------------------------------------------------
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 over a model's weights as fp32: sorted names, shapes and bytes (the base's identity)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().to(torch.float32).contiguous().numpy()
+        digest.update(f"{name}:{tuple(array.shape)}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _num_labels(adapter: adapters.PeftAdapter) -> int:
+    """Classes of a classification checkpoint: rows of its trained head (2 when none is saved)."""
+    for module in adapter.modules_to_save:
+        for key, value in adapter.tensors.items():
+            if key.endswith(f".{module}.weight") and value.ndim == 2:
+                return int(value.shape[0])
+    return 2
+
+
+def _label_names(run_config: dict[str, Any], count: int) -> list[str]:
+    """Class names of the run's dataset when it can be read, else ``"0" .. "count-1"``."""
+    try:
+        from pollinate.config import RunConfig
+        from pollinate.data import load_dataset
+
+        cfg = RunConfig.from_run_config(run_config)
+        names = list(load_dataset(cfg.dataset_name, cfg.task).features["label"].names)
+    except (ValueError, OSError, KeyError, AttributeError, ImportError):
+        names = []
+    return [str(n) for n in names] if len(names) == count else [str(i) for i in range(count)]
+
+
+def _seeded(name: str, task: str) -> bool:
+    """Whether :func:`pollinate.models.load_model` draws some weights of this base from the seed."""
+    return name in ("tiny-llama", "tiny-bert") or task == "classification"
+
+
+def _load(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
+          ) -> tuple[PeftModel, PreTrainedTokenizerBase, BaseModel]:
+    """The run's base model with the checkpoint's adapter, and the base's manifest entry."""
+    cfg = checkpoint.run_config
+    task, seed = cfg["task"], int(cfg.get("seed", 0))
+    num_labels = _num_labels(adapter) if task == "classification" else 2
+    base, tokenizer = models.load_model(cfg["model"], task, num_labels=num_labels, seed=seed)
+    info = BaseModel(
+        name=str(cfg["model"]), architecture=type(base).__name__,
+        model_type=str(getattr(base.config, "model_type", "")),
+        num_parameters=sum(p.numel() for p in base.parameters()), seed=seed,
+        weights_sha256=weights_sha256(base), seeded=_seeded(cfg["model"], task))
+    peft_model = PeftModel.from_pretrained(base, str(checkpoint.folder))
+    return peft_model.eval(), tokenizer, info
+
+
+@torch.no_grad()
+def _as_bare_adapter_graph(model: PeftModel) -> set[str]:
+    """Scale 1, zero LoRA factors, the base head in trained heads; returns the adapter's parameter names.
+
+    Exported this way the graph alone computes the base model; adapter files supply the rest.
+    """
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.scaling:
+                module.scaling[name] = 1.0  # adapter files carry B pre-scaled
+            for factors in (module.lora_A, module.lora_B):
+                for layer in factors.values():
+                    layer.weight.zero_()
+        elif isinstance(module, ModulesToSaveWrapper):
+            for copy in module.modules_to_save.values():
+                copy.load_state_dict(module.original_module.state_dict())
+    return {f"model.{n}" for n, _ in model.named_parameters()
+            if ".lora_A." in n or ".lora_B." in n or ".modules_to_save." in n}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer and manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, task: str,
+                    out: Path) -> TokenizerInfo:
+    """Write ``tokenizer.json`` (no padding or truncation baked in) and the chat template."""
+    backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(str(out / TOKENIZER_FILE))
+    eos: list[int] = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in generation_eos if isinstance(generation_eos, list) else [generation_eos]:
+        if token is not None and int(token) not in eos:
+            eos.append(int(token))
+    positions = int(getattr(model.config, "max_position_embeddings", 0) or 512)
+    info = TokenizerInfo(
+        file=TOKENIZER_FILE, eos_token_ids=eos, pad_token_id=int(tokenizer.pad_token_id or 0),
+        bos_token_id=-1 if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
+        max_length=min(positions, int(tokenizer.model_max_length or positions)))
+    template = getattr(tokenizer, "chat_template", None)
+    if task == "generation" and isinstance(template, str) and template:
+        (out / TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        info.chat_template_file = TEMPLATE_FILE
+    return info
+
+
+def _graph_message(path: Path, config: Any, task: str, quantization: str,
+                   lora_inputs: list[LoraInput]) -> Graph:
+    """The manifest's description of the saved graph."""
+    proto = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    graph = Graph(file=path.name, opset=opset, ir_version=proto.ir_version,
+                  quantization=_QUANT_ENUM[quantization],
+                  vocab_size=int(getattr(config, "vocab_size", 0) or 0),
+                  max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+                  lora_inputs=lora_inputs)
+    if quantization == "int4":
+        graph.quantization_block_size = quantize.INT4_BLOCK_SIZE
+    if task == "generation":
+        graph.num_layers, graph.num_kv_heads, graph.head_dim = _kv_shape(config)
+    return graph
+
+
+def _producer() -> dict[str, str]:
+    """Versions of the tools that made the bundle."""
+    names = ("pollinate", "torch", "transformers", "peft", "onnx", "onnxruntime", "onnxscript")
+    versions: dict[str, str] = {}
+    for name in names:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def _prepare_out(out: Path) -> None:
+    """Create ``out``; refuse a file or a non-empty folder (nothing of the user's is overwritten)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out: {str(out)!r} exists and is not an empty folder; choose a new path")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_bundle(source: Path, out: Path, *, quantization: str = "none", adapter_mode: str = "merged",
+                  sign_key: Path | None = None) -> BundleManifest:
+    """Export a checkpoint (or a run folder's latest) to an edge bundle folder.
+
+    Parameters
+    ----------
+    source : Path
+        A run folder (its ``LATEST`` checkpoint is used) or a checkpoint folder inside a run folder.
+    out : Path
+        The bundle folder to create; it must not exist or be empty.
+    quantization : {"none", "int8", "int4"}
+        Weight quantisation of the graph (the LoRA branches of a separate graph stay fp32).
+    adapter_mode : {"merged", "separate"}
+        Merge the adapter into the weights, or keep it as an adapter file the runner activates.
+    sign_key : Path, optional
+        An Ed25519 private key (``pollinate keys generate``); the manifest is signed with it.
+
+    Returns
+    -------
+    BundleManifest
+        The manifest written to ``out/manifest.pb``.
+
+    Raises
+    ------
+    ValueError
+        On a bad choice, a bad source or output path, an unreadable key, or an unsupported adapter.
+    """
+    quantize.check_choice("--quantize", quantization, quantize.QUANTIZATIONS)
+    quantize.check_choice("--adapters", adapter_mode, ADAPTER_MODES)
+    key = manifest.load_private_key(sign_key) if sign_key is not None else None
+    checkpoint = adapters.resolve_checkpoint(source)
+    peft_adapter = adapters.read_adapter(checkpoint.folder)
+    _prepare_out(out)
+    try:
+        return _build(checkpoint, peft_adapter, out, quantization, adapter_mode, key)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle behind
+        raise
+
+
+def _build(checkpoint: adapters.Checkpoint, peft_adapter: adapters.PeftAdapter, out: Path,
+           quantization: str, adapter_mode: str, key: Any) -> BundleManifest:
+    """Export, quantise, write the tokenizer and adapter files and the manifest into ``out``."""
+    task = checkpoint.run_config["task"]
+    peft_model, tokenizer, base = _load(checkpoint, peft_adapter)
+    config = peft_model.get_base_model().config
+    source_sha = manifest.sha256_file(checkpoint.folder / "adapter_model.safetensors")
+    entry = adapters.adapter_message(peft_adapter, checkpoint, base.weights_sha256, source_sha)
+    graph_path = out / GRAPH_FILE
+    if adapter_mode == "merged":
+        lora_inputs = _export_graph(peft_model.merge_and_unload(), task, config, graph_path, None)
+    else:
+        params = _as_bare_adapter_graph(peft_model)
+        lora_inputs = _export_graph(peft_model, task, config, graph_path, params)
+        tensors = adapters.adapter_tensors(peft_adapter)
+        adapters.check_fits(tensors, lora_inputs, f"checkpoint {checkpoint.folder}")
+        name = f"{ADAPTER_DIR}/{checkpoint.folder.name}{adapters.ADAPTER_SUFFIX}"
+        adapters.write_adapter_file(tensors, out / name, version=checkpoint.round)
+        digest = manifest.digest(out, name)
+        entry.file, entry.sha256, entry.size = digest.name, digest.sha256, digest.size
+    if quantization != "none":
+        quantize.quantize_file(graph_path, graph_path, quantization)
+    result = BundleManifest(
+        pollinate_version=manifest.pollinate_version(),
+        task=Task.CLASSIFICATION if task == "classification" else Task.GENERATION, base=base,
+        graph=_graph_message(graph_path, config, task, quantization, lora_inputs),
+        adapter_mode=AdapterMode.SEPARATE if adapter_mode == "separate" else AdapterMode.MERGED,
+        adapter=entry, tokenizer=_save_tokenizer(tokenizer, peft_model.get_base_model(), task, out),
+        producer=_producer())
+    if task == "classification":
+        result.labels.extend(_label_names(checkpoint.run_config, _num_labels(peft_adapter)))
+    else:
+        result.generation.max_new_tokens, result.generation.top_p = DEFAULT_MAX_NEW_TOKENS, 1.0
+    manifest.write_bundle_manifest(out, result, key)
+    return result
