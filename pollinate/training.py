@@ -37,23 +37,37 @@ def batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator
             yield [examples[j] for j in order[i * batch_size : (i + 1) * batch_size]]
 
 
+def _targets(batch: dict[str, torch.Tensor]) -> int:
+    """Loss terms in a batch: answer tokens after the shift (generation) or examples."""
+    labels = batch["labels"]
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.dim() == 2 else labels.numel()
+
+
 def train_local(model: nn.Module, examples: Sequence[Example], *, steps: int, batch_size: int,
-                lr: float, pad_id: int, seed: int) -> TrainResult:
-    """``steps`` AdamW steps on the trainable parameters of ``model``."""
+                lr: float, pad_id: int, seed: int, micro_batch: int | None = None) -> TrainResult:
+    """``steps`` AdamW steps of ``batch_size`` examples on the trainable parameters of ``model``.
+
+    With ``micro_batch`` < ``batch_size`` each step accumulates gradients over micro-batches, each
+    loss weighted by its share of the step's targets, so the step equals the full-batch step.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    micro = min(micro_batch or batch_size, batch_size)
     model.train()
     start, total_loss, seen, tokens = time.perf_counter(), 0.0, 0, 0
     stream = batches(examples, batch_size, seed)
     for _ in range(steps):
-        batch = collate(next(stream), pad_id)
-        loss = model(**batch).loss
-        loss.backward()
+        step = next(stream)
+        parts = [collate(step[i : i + micro], pad_id) for i in range(0, len(step), micro)]
+        total = max(sum(_targets(p) for p in parts), 1)
+        for part in parts:
+            loss = model(**part).loss * (_targets(part) / total)
+            loss.backward()
+            total_loss += loss.item()
+            tokens += int(part["attention_mask"].sum())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total_loss += loss.item()
-        seen += batch["input_ids"].shape[0]
-        tokens += int(batch["attention_mask"].sum())
+        seen += len(step)
     model.eval()
     return TrainResult(total_loss / steps, seen, tokens, time.perf_counter() - start)
 
