@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-dir", help="where the run folder goes (default runs/<run-id>)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
+    from pollinate.client import plan_cli
+    from pollinate.edge import cli as edge_cli
+
+    plan_cli.register(commands)
+    edge_cli.register(commands)
     return parser
 
 

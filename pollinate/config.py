@@ -100,6 +100,25 @@ class DataFields:
 
 
 @dataclass(frozen=True)
+class MemorySettings:
+    """Each client's memory budget; the planner fits its training into it."""
+
+    budgets: str = field(default="", metadata=_key("budgets"))
+    """One budget per client, comma-separated ("8GB,1.5GB"); empty: no budgets. A deployed node
+    declares its own with ``--node-config 'memory-budget=1.5GB'``."""
+
+    def budget_for(self, client: int) -> int | None:
+        """Client ``client``'s budget in bytes (the list repeats), or None."""
+        from pollinate.client.budget import budget_list
+
+        budgets = budget_list(self.budgets)
+        return budgets[client % len(budgets)] if budgets else None
+
+    def __post_init__(self) -> None:
+        self.budget_for(0)  # parse now: a bad size fails before any training
+
+
+@dataclass(frozen=True)
 class SimulationSettings:
     """How the local simulation engine runs clients."""
 
@@ -136,6 +155,7 @@ class RunConfig:
     """Where the run folder goes; empty means runs/<run-id>."""
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"table": "lora"})
     data: DataFields = field(default_factory=DataFields, metadata={"table": "data"})
+    memory: MemorySettings = field(default_factory=MemorySettings, metadata={"table": "memory"})
     sim: SimulationSettings = field(default_factory=SimulationSettings, metadata={"table": "sim"})
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
@@ -20,7 +20,10 @@ from transformers import PreTrainedTokenizerBase
 from pollinate import workload
 from pollinate.adapters import LoraAdapter
 from pollinate.aggregation import apply_delta, fingerprint, from_flat
+from pollinate.client.budget import limit_heap_retention
 from pollinate.client.memory import peak_bytes, reset_peak
+from pollinate.client.planner import Plan, enable_checkpointing
+from pollinate.client.profile import DeviceProfile, plan_for
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, encode_dataset
 from pollinate.strategies import strategy_class, wire
@@ -43,27 +46,40 @@ class _Adapted:
 _MODELS: dict[tuple[Any, ...], _Adapted] = {}
 _SHARES: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
 _LOCK = threading.Lock()
+_BASELINE: list[int] = []  # resident bytes of the runtime before any model was loaded
 
 
-def _adapted(cfg: RunConfig, rank: int, run_id: int) -> _Adapted:
-    # The run is part of the key: a base merged in one run must never serve another.
-    key = (run_id, cfg.model, cfg.task, cfg.seed, cfg.strategy, cfg.lora, rank)
+def _adapted(cfg: RunConfig, plan: Plan, run_id: int) -> _Adapted:
+    """This process's model for ``plan``; one at a time, so a measured peak is one client's own.
+
+    The run is part of the key: a base merged in one run must never serve another. A model loaded
+    anew starts at base version 0 and catches up through the server.
+    """
+    key = (run_id, cfg.model, cfg.task, cfg.seed, cfg.strategy, cfg.lora, plan.rank, plan.checkpointing)
     with _LOCK:
         if key not in _MODELS:
+            if not _BASELINE:  # once per process, before any model: the runtime's own footprint
+                limit_heap_retention()  # freed tensors leave at once, so a peak is one client's own
+                reset_peak()
+                _BASELINE.append(peak_bytes())
+            _MODELS.clear()
             model, tokenizer = workload.base_model(cfg)
-            adapter = workload.lora_adapter(cfg, model, rank)
+            adapter = workload.lora_adapter(cfg, model, plan.rank)
             peft_model = workload.attach(cfg, adapter, model)
             strategy_class(cfg.strategy).client_side.prepare(adapter, peft_model)
+            if plan.checkpointing:
+                enable_checkpointing(peft_model)
             _MODELS[key] = _Adapted(peft_model, tokenizer, adapter)
         return _MODELS[key]
 
 
-def _share(cfg: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase) -> list[dict]:
-    key = (cfg, partition_id)
+def _share(cfg: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase,
+           seq_len: int) -> list[dict]:
+    key = (cfg, partition_id, seq_len)
     with _LOCK:
         if key not in _SHARES:
             share = workload.shares(cfg)[partition_id]
-            _SHARES[key] = encode_dataset(share, tokenizer, cfg.task, cfg.max_seq_len)
+            _SHARES[key] = encode_dataset(share, tokenizer, cfg.task, seq_len)
         return _SHARES[key]
 
 
@@ -80,13 +96,16 @@ def _sync_base(node: _Adapted, msg: Message) -> bool:
     return True
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, _Adapted]:
-    """Configuration, round, partition and this process's model for the node's rank."""
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, DeviceProfile]:
+    """Configuration, round and this device's profile."""
     record = wire.config_of(msg)
     cfg = RunConfig.from_run_config(wire.run_config_of(record))
-    partition_id = int(context.node_config["partition-id"])
-    node = _adapted(cfg, cfg.lora.rank_for(partition_id), context.run_id)
-    return cfg, int(record[wire.ROUND]), partition_id, node  # type: ignore[arg-type]
+    return cfg, int(record[wire.ROUND]), DeviceProfile.of(context.node_config, cfg)  # type: ignore[arg-type]
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    """An error reply: the node stays up and the server records the reason."""
+    return Message(Error(code=wire.REFUSED, reason=reason), reply_to=msg)
 
 
 def _reply(msg: Message, metrics: dict[str, int | float], arrays: ArrayRecord | None = None) -> Message:
@@ -98,27 +117,41 @@ def _reply(msg: Message, metrics: dict[str, int | float], arrays: ArrayRecord | 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Merge missing base deltas, load the global adapter, train ``local-steps``, reply the adapter."""
-    cfg, server_round, partition_id, node = _setup(msg, context)
+    """Plan within the budget, merge missing base deltas, load the global adapter, train, reply."""
+    cfg, server_round, profile = _setup(msg, context)
+    try:
+        plan, estimate = plan_for(cfg, profile)
+    except ValueError as err:
+        return _refuse(msg, str(err))
+    node = _adapted(cfg, plan, context.run_id)
     if not _sync_base(node, msg):
         return _reply(msg, {wire.CATCH_UP: 1, wire.BASE_VERSION: node.version})
-    seed = workload.round_seed(cfg, server_round, partition_id)
+    seed = workload.round_seed(cfg, server_round, profile.partition_id)
     side = strategy_class(cfg.strategy).client_side
     side.receive(node.adapter, node.model, wire.from_record(wire.arrays_of(msg)), seed=seed)
-    examples = _share(cfg, partition_id, node.tokenizer)
+    examples = _share(cfg, profile.partition_id, node.tokenizer, plan.seq_len)
     reset_peak()
     result = train_local(node.model, examples, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                         lr=cfg.lr, pad_id=node.tokenizer.pad_token_id, seed=seed)
-    peak = peak_bytes()
+                         lr=cfg.lr, pad_id=node.tokenizer.pad_token_id, seed=seed,
+                         micro_batch=plan.micro_batch)
+    process_peak = peak_bytes()
     return _reply(msg, {
         wire.NUM_EXAMPLES: len(examples),
-        wire.RANK: node.adapter.config.rank,
+        wire.RANK: plan.rank,
+        wire.MICRO_BATCH: plan.micro_batch,
+        wire.GRAD_ACCUM: plan.grad_accum,
+        wire.SEQ_LEN: plan.seq_len,
+        wire.CHECKPOINTING: int(plan.checkpointing),
+        wire.BUDGET: profile.budget or 0,
+        wire.ESTIMATE: estimate.total,
         wire.EXAMPLES_SEEN: result.examples,
         wire.TOKENS_SEEN: result.tokens,
         wire.TRAIN_LOSS: result.loss,
         wire.TRAIN_SECONDS: result.seconds,
         wire.BYTES_DOWN: wire.wire_bytes(wire.arrays_of(msg)) + wire.wire_bytes(wire.base_of(msg)),
-        wire.PEAK_MEM: peak,
+        wire.PEAK_MEM: max(process_peak - _BASELINE[0], 0),
+        wire.PROCESS_PEAK: process_peak,
+        wire.RUNTIME_BASELINE: _BASELINE[0],
         wire.BASE_VERSION: node.version,
         wire.BASE_FINGERPRINT: fingerprint(node.adapter.base_weights(node.model)),
     }, wire.to_record(node.adapter.trainable_state(node.model)))
@@ -127,14 +160,19 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_share(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this node's share (federated evaluation)."""
-    cfg, server_round, partition_id, node = _setup(msg, context)
+    cfg, server_round, profile = _setup(msg, context)
+    try:
+        plan, _ = plan_for(cfg, profile)
+    except ValueError as err:
+        return _refuse(msg, str(err))
+    node = _adapted(cfg, plan, context.run_id)
     if not _sync_base(node, msg):
         return _reply(msg, {wire.CATCH_UP: 1, wire.BASE_VERSION: node.version})
     strategy_class(cfg.strategy).client_side.receive(
         node.adapter, node.model, wire.from_record(wire.arrays_of(msg)),
-        seed=workload.round_seed(cfg, server_round, partition_id))
-    examples = _share(cfg, partition_id, node.tokenizer)
-    scores = evaluate(node.model, examples, batch_size=cfg.batch_size,
+        seed=workload.round_seed(cfg, server_round, profile.partition_id))
+    examples = _share(cfg, profile.partition_id, node.tokenizer, plan.seq_len)
+    scores = evaluate(node.model, examples, batch_size=plan.micro_batch,
                       pad_id=node.tokenizer.pad_token_id, classification=cfg.task == CLASSIFICATION)
     return _reply(msg, {wire.NUM_EXAMPLES: len(examples), wire.EVAL_LOSS: scores["loss"],
                         **({wire.ACCURACY: scores["accuracy"]} if "accuracy" in scores else {})})

@@ -40,6 +40,7 @@ class Totals:
     bytes_down: int = 0
     rounds: int = 0
     rejected: int = 0
+    over_budget: int = 0
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
@@ -86,7 +87,16 @@ def client_event(server_round: int, reply: Message, bytes_down: int) -> dict[str
         "train_loss": wire.metric(m, wire.TRAIN_LOSS),
         "train_seconds": wire.metric(m, wire.TRAIN_SECONDS),
         "peak_mem_bytes": int(wire.metric(m, wire.PEAK_MEM)),
-        "budget_bytes": None,
+        "process_peak_bytes": int(wire.metric(m, wire.PROCESS_PEAK)),
+        "runtime_baseline_bytes": int(wire.metric(m, wire.RUNTIME_BASELINE)),
+        "budget_bytes": int(wire.metric(m, wire.BUDGET)) or None,
+        "estimate_bytes": int(wire.metric(m, wire.ESTIMATE)),
+        "over_budget": 0 < wire.metric(m, wire.BUDGET) < wire.metric(m, wire.PEAK_MEM),
+        "plan": {"rank": int(wire.metric(m, wire.RANK)),
+                 "micro_batch": int(wire.metric(m, wire.MICRO_BATCH)),
+                 "grad_accum": int(wire.metric(m, wire.GRAD_ACCUM)),
+                 "seq_len": int(wire.metric(m, wire.SEQ_LEN)),
+                 "checkpointing": bool(wire.metric(m, wire.CHECKPOINTING))},
         "bytes_up": wire.wire_bytes(wire.arrays_of(reply)),
         "bytes_down": bytes_down,
         "base_version": int(wire.metric(m, wire.BASE_VERSION)),
@@ -153,6 +163,7 @@ class Federation:
             if event["event"] == "client":
                 kept.append(reply)
                 accepted.append(event)
+                self.totals.over_budget += int(event["over_budget"])
         return kept, accepted
 
     def train_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
@@ -221,7 +232,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         "num_clients": cfg.num_clients, "rounds_completed": fed.totals.rounds,
         "initial_eval": fed.totals.evals[0], "final_eval": fed.totals.evals[fed.totals.rounds],
         "bytes_up_total": fed.totals.bytes_up, "bytes_down_total": fed.totals.bytes_down,
-        "rejected_updates": fed.totals.rejected,
+        "rejected_updates": fed.totals.rejected, "over_budget_clients": fed.totals.over_budget,
+        "failed_clients": sum(1 for e in run_dir.events() if e["event"] == "failed"),
         "wall_seconds": time.perf_counter() - start,
     }
     run_dir.write_json("summary.json", summary)

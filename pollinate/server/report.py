@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +40,29 @@ def _series(events: list[dict[str, Any]], event: str, key: str) -> tuple[list[in
     return [e["round"] for e in rows], [float(e[key]) for e in rows]
 
 
-def _per_client(events: list[dict[str, Any]], key: str) -> dict[str, tuple[list[int], list[float]]]:
-    out: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+def _memory_plot(path: Path, events: list[dict[str, Any]]) -> None:
+    """Per client (its last round): measured peak and the planner's estimate against its budget."""
+    last: dict[int, dict[str, Any]] = {}
     for e in events:
         if e["event"] == "client":
-            out[f"node {e['node_id'] % 10000}"][0].append(e["round"])
-            out[f"node {e['node_id'] % 10000}"][1].append(float(e[key]))
-    return dict(out)
+            last[e["node_id"]] = e
+    rows = sorted(last.values(), key=lambda e: (-(e.get("budget_bytes") or 0), e["node_id"]))
+    xs = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([x - 0.2 for x in xs], [e["peak_mem_bytes"] / 1e9 for e in rows], 0.4, label="measured peak")
+    ax.bar([x + 0.2 for x in xs], [e.get("estimate_bytes", 0) / 1e9 for e in rows], 0.4, label="estimate")
+    for x, e in zip(xs, rows, strict=True):
+        if e.get("budget_bytes"):
+            ax.hlines(e["budget_bytes"] / 1e9, x - 0.45, x + 0.45, colors="red",
+                      label="budget" if x == 0 else "_nolegend_")
+    ax.set_xticks(xs, [f"node {e['node_id'] % 10000}\nrank {e.get('rank', '?')}" for e in rows],
+                  fontsize=7)
+    ax.set_ylabel("GB")
+    ax.set_title("Peak memory per client (last round) against its budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_plots(run_dir: RunDir) -> list[str]:
@@ -60,12 +75,11 @@ def write_plots(run_dir: RunDir) -> list[str]:
         "bytes.png": ("Bytes per round (all clients)", "bytes",
                       {"up": _series(events, "train", "bytes_up"),
                        "down": _series(events, "train", "bytes_down")}),
-        "memory.png": ("Measured peak memory per client", "bytes",
-                       _per_client(events, "peak_mem_bytes")),
     }
     for name, (title, ylabel, series) in plots.items():
         _plot(run_dir.path / name, title, ylabel, series, "bar" if name != "eval.png" else "line")
-    return list(plots)
+    _memory_plot(run_dir.path / "memory.png", events)
+    return [*plots, "memory.png"]
 
 
 def write_report(run_dir: RunDir) -> Path:

@@ -17,6 +17,8 @@ BASE = "base-delta"  # the base-weight deltas a node still has to merge (FLoRA, 
 CONFIG = "config"
 METRICS = "metrics"
 
+REFUSED = 1001  # error code of a client that refuses an instruction (no plan fits its budget)
+
 ROUND = "server-round"
 BASE_FROM = "base-from"  # the base version the deltas in BASE start from
 BASE_TO = "base-to"  # ... and the version they lead to
@@ -27,7 +29,15 @@ TRAIN_SECONDS = "train-seconds"
 EXAMPLES_SEEN = "examples-seen"
 TOKENS_SEEN = "tokens-seen"
 BYTES_DOWN = "bytes-down"
-PEAK_MEM = "peak-mem-bytes"
+PEAK_MEM = "peak-mem-bytes"  # the training's high-water mark above the runtime baseline
+PROCESS_PEAK = "process-peak-bytes"  # the raw high-water mark of the process
+RUNTIME_BASELINE = "runtime-baseline-bytes"  # resident bytes before any model was loaded
+BUDGET = "budget-bytes"  # 0: the device declared none
+ESTIMATE = "estimate-bytes"  # the planner's estimate of the plan's peak
+MICRO_BATCH = "micro-batch"
+GRAD_ACCUM = "grad-accum"
+SEQ_LEN = "seq-len"
+CHECKPOINTING = "checkpointing"
 BASE_VERSION = "base-version"  # rounds merged into the replying process's base weights
 BASE_FINGERPRINT = "base-fingerprint"  # a projection of those weights, to check sync
 CATCH_UP = "catch-up"  # 1: the process holds an older base than it was sent; resend from BASE_VERSION
