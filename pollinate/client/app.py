@@ -22,7 +22,7 @@ from pollinate.adapters import LoraAdapter
 from pollinate.aggregation import apply_delta, fingerprint, from_flat
 from pollinate.client.budget import limit_heap_retention
 from pollinate.client.memory import peak_bytes, reset_peak
-from pollinate.client.planner import Plan, enable_checkpointing
+from pollinate.client.planner import Estimate, Plan, enable_checkpointing
 from pollinate.client.profile import DeviceProfile, plan_for
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, encode_dataset
@@ -96,11 +96,37 @@ def _sync_base(node: _Adapted, msg: Message) -> bool:
     return True
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, DeviceProfile]:
-    """Configuration, round and this device's profile."""
+@dataclass(frozen=True)
+class _Ready:
+    """A handler's inputs once the node holds the server's base and the received adapter."""
+
+    cfg: RunConfig
+    seed: int
+    profile: DeviceProfile
+    plan: Plan
+    estimate: Estimate
+    node: _Adapted
+    examples: list[dict[str, Any]]
+
+
+def _prepare(msg: Message, context: Context) -> _Ready | Message:
+    """Plan within the budget, merge missing base deltas, load the received adapter; or the reply
+    that ends the instruction early (a refusal, or a request to catch up)."""
     record = wire.config_of(msg)
     cfg = RunConfig.from_run_config(wire.run_config_of(record))
-    return cfg, int(record[wire.ROUND]), DeviceProfile.of(context.node_config, cfg)  # type: ignore[arg-type]
+    profile = DeviceProfile.of(context.node_config, cfg)
+    try:
+        plan, estimate = plan_for(cfg, profile)
+    except ValueError as err:
+        return _refuse(msg, str(err))
+    node = _adapted(cfg, plan, context.run_id)
+    if not _sync_base(node, msg):
+        return _reply(msg, {wire.CATCH_UP: 1, wire.BASE_VERSION: node.version})
+    seed = workload.round_seed(cfg, int(record[wire.ROUND]), profile.partition_id)  # type: ignore[arg-type]
+    strategy_class(cfg.strategy).client_side.receive(
+        node.adapter, node.model, wire.from_record(wire.arrays_of(msg)), seed=seed)
+    examples = _share(cfg, profile.partition_id, node.tokenizer, plan.seq_len)
+    return _Ready(cfg, seed, profile, plan, estimate, node, examples)
 
 
 def _refuse(msg: Message, reason: str) -> Message:
@@ -117,33 +143,25 @@ def _reply(msg: Message, metrics: dict[str, int | float], arrays: ArrayRecord | 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Plan within the budget, merge missing base deltas, load the global adapter, train, reply."""
-    cfg, server_round, profile = _setup(msg, context)
-    try:
-        plan, estimate = plan_for(cfg, profile)
-    except ValueError as err:
-        return _refuse(msg, str(err))
-    node = _adapted(cfg, plan, context.run_id)
-    if not _sync_base(node, msg):
-        return _reply(msg, {wire.CATCH_UP: 1, wire.BASE_VERSION: node.version})
-    seed = workload.round_seed(cfg, server_round, profile.partition_id)
-    side = strategy_class(cfg.strategy).client_side
-    side.receive(node.adapter, node.model, wire.from_record(wire.arrays_of(msg)), seed=seed)
-    examples = _share(cfg, profile.partition_id, node.tokenizer, plan.seq_len)
+    """Train the received adapter for ``local-steps`` within the budget; reply with its new state."""
+    ready = _prepare(msg, context)
+    if isinstance(ready, Message):
+        return ready
+    cfg, plan, node = ready.cfg, ready.plan, ready.node
     reset_peak()
-    result = train_local(node.model, examples, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                         lr=cfg.lr, pad_id=node.tokenizer.pad_token_id, seed=seed,
+    result = train_local(node.model, ready.examples, steps=cfg.local_steps, batch_size=cfg.batch_size,
+                         lr=cfg.lr, pad_id=node.tokenizer.pad_token_id, seed=ready.seed,
                          micro_batch=plan.micro_batch)
     process_peak = peak_bytes()
     return _reply(msg, {
-        wire.NUM_EXAMPLES: len(examples),
+        wire.NUM_EXAMPLES: len(ready.examples),
         wire.RANK: plan.rank,
         wire.MICRO_BATCH: plan.micro_batch,
         wire.GRAD_ACCUM: plan.grad_accum,
         wire.SEQ_LEN: plan.seq_len,
         wire.CHECKPOINTING: int(plan.checkpointing),
-        wire.BUDGET: profile.budget or 0,
-        wire.ESTIMATE: estimate.total,
+        wire.BUDGET: ready.profile.budget or 0,
+        wire.ESTIMATE: ready.estimate.total,
         wire.EXAMPLES_SEEN: result.examples,
         wire.TOKENS_SEEN: result.tokens,
         wire.TRAIN_LOSS: result.loss,
@@ -160,19 +178,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_share(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this node's share (federated evaluation)."""
-    cfg, server_round, profile = _setup(msg, context)
-    try:
-        plan, _ = plan_for(cfg, profile)
-    except ValueError as err:
-        return _refuse(msg, str(err))
-    node = _adapted(cfg, plan, context.run_id)
-    if not _sync_base(node, msg):
-        return _reply(msg, {wire.CATCH_UP: 1, wire.BASE_VERSION: node.version})
-    strategy_class(cfg.strategy).client_side.receive(
-        node.adapter, node.model, wire.from_record(wire.arrays_of(msg)),
-        seed=workload.round_seed(cfg, server_round, profile.partition_id))
-    examples = _share(cfg, profile.partition_id, node.tokenizer, plan.seq_len)
-    scores = evaluate(node.model, examples, batch_size=plan.micro_batch,
-                      pad_id=node.tokenizer.pad_token_id, classification=cfg.task == CLASSIFICATION)
-    return _reply(msg, {wire.NUM_EXAMPLES: len(examples), wire.EVAL_LOSS: scores["loss"],
+    ready = _prepare(msg, context)
+    if isinstance(ready, Message):
+        return ready
+    scores = evaluate(ready.node.model, ready.examples, batch_size=ready.plan.micro_batch,
+                      pad_id=ready.node.tokenizer.pad_token_id,
+                      classification=ready.cfg.task == CLASSIFICATION)
+    return _reply(msg, {wire.NUM_EXAMPLES: len(ready.examples), wire.EVAL_LOSS: scores["loss"],
                         **({wire.ACCURACY: scores["accuracy"]} if "accuracy" in scores else {})})
