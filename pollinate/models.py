@@ -57,6 +57,7 @@ __all__ = [
     "describe",
     "load_model",
     "load_tokenizer",
+    "model_config",
     "model_tasks",
 ]
 
@@ -565,6 +566,37 @@ def _config_of(name: str) -> PretrainedConfig:
     config: PretrainedConfig = AutoConfig.from_pretrained(
         _checkpoint_folder(name), local_files_only=True
     )
+    return config
+
+
+def model_config(name: str, task: str, num_labels: int = 2) -> PretrainedConfig:
+    """The configuration of a model for ``task``, without loading its weights.
+
+    Parameters
+    ----------
+    name : str
+        A name in :data:`BUILTIN_MODELS` or a local folder holding ``config.json``.
+    task : str
+        ``"generation"`` or ``"classification"``.
+    num_labels : int, default 2
+        Number of classes, for ``task="classification"``.
+
+    Returns
+    -------
+    PretrainedConfig
+        A fresh config (safe to modify). For ``smollm2-135m-instruct`` the first call converts the
+        checkpoint into the cache (see :func:`load_model`).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is unknown, or ``task`` is unknown or unsupported by the model.
+    """
+    check_task(name, task)
+    _check_int("num_labels", num_labels, 1, 1_000_000)
+    config = _config_of(name)
+    if task == "classification":
+        config.num_labels = num_labels
     return config
 
 

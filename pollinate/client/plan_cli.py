@@ -1,0 +1,115 @@
+"""``pollinate plan``: the training plans a memory budget allows, and the one a client would choose.
+
+    pollinate plan --model smollm2-135m-instruct --task generation --budget 1.5GB \\
+        [--seq-len 64] [--batch-size 4] [--rank 8 | --ranks 64,32,16,8]
+
+Prints the candidate plans, most capable first, each with its estimated peak memory, and marks the
+one chosen; a budget too small for any plan is a ValueError naming the minimum that would work.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from pollinate.client.budget import format_size, parse_size
+from pollinate.client.planner import (
+    Estimate,
+    ModelDims,
+    Plan,
+    candidates,
+    choose_plan,
+    estimator_for,
+    estimator_methods,
+    model_dims,
+)
+
+__all__ = ["register"]
+
+_SHOWN = 40  # rows printed without --all
+_AFTER_CHOSEN = 5  # less capable plans shown below the chosen one when the list is cut
+
+
+def register(commands: Any) -> None:
+    """Add the ``plan`` subcommand to the ``pollinate`` subparsers (``argparse`` ``_SubParsersAction``)."""
+    plan = commands.add_parser(
+        "plan", help="show the training plans a memory budget allows",
+        description="Estimate the peak memory of every LoRA training plan for a model and pick the "
+                    "most capable one that fits a budget (rank, then sequence length, then no "
+                    "checkpointing, then larger micro-batches; the effective batch never changes).")
+    plan.add_argument("--model", default="smollm2-135m-instruct",
+                      help="a built-in model or a local folder (default smollm2-135m-instruct)")
+    plan.add_argument("--task", help="generation or classification (default: the model's first)")
+    plan.add_argument("--budget", required=True, help="memory budget, e.g. 1.5GB, 800MiB")
+    plan.add_argument("--seq-len", type=int, default=64, help="longest sequence cap (default 64)")
+    plan.add_argument("--batch-size", type=int, default=4, help="effective batch (default 4)")
+    ranks = plan.add_mutually_exclusive_group()
+    ranks.add_argument("--rank", type=int, help="the LoRA rank (default 8)")
+    ranks.add_argument("--ranks", help="allowed ranks, comma-separated, e.g. 64,32,16,8")
+    plan.add_argument("--targets", default="auto", help="LoRA target modules (default auto)")
+    plan.add_argument("--method", default="lora", help=f"adapter method ({', '.join(estimator_methods())})")
+    plan.add_argument("--margin", type=float, default=0.9,
+                      help="share of the budget an estimate may fill (default 0.9)")
+    plan.add_argument("--all", action="store_true", help="print every candidate plan")
+    plan.set_defaults(func=run)
+
+
+def _ranks(args: argparse.Namespace) -> list[int]:
+    if args.ranks is None:
+        return [8 if args.rank is None else args.rank]
+    try:
+        return [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--ranks: {args.ranks!r} is not allowed; give integers separated by "
+                         "commas, e.g. 64,32,16,8") from None
+
+
+def _dims(model: str, task: str | None, targets: str) -> tuple[ModelDims, str]:
+    """The model's dimensions and the task, from its config alone."""
+    from pollinate.config import LoraSettings
+    from pollinate.models import model_config, model_tasks
+
+    task = task or model_tasks(model)[0]
+    config = model_config(model, task)
+    target_list = LoraSettings(targets=targets).target_list(str(getattr(config, "model_type", "")))
+    return model_dims(config, target_list, name=model), task
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan table for ``args``; raises ValueError for bad input or a budget too small."""
+    budget = parse_size(args.budget, "--budget")
+    dims, task = _dims(args.model, args.task, args.targets)
+    request = {"ranks": _ranks(args), "batch_size": args.batch_size, "seq_len": args.seq_len,
+               "method": args.method}
+    chosen, estimate = choose_plan(dims, task, budget, margin=args.margin, key="--budget", **request)
+    estimator = estimator_for(args.method)
+    rows = [(p, estimator.estimate(dims, p, task)) for p in candidates(dims, task, **request)]
+    console = Console(highlight=False)
+    console.print(f"{dims.name} ({task}): budget {format_size(budget)}, estimates must stay under "
+                  f"{format_size(int(args.margin * budget))} ({args.margin:.0%})")
+    console.print(_table(rows, chosen, args.margin * budget, show_all=args.all))
+    console.print(f"chosen: {chosen.describe()}: {format_size(estimate.total)} "
+                  f"({estimate.breakdown(limit=len(estimate.parts))})")
+    return 0
+
+
+def _table(rows: Sequence[tuple[Plan, Estimate]], chosen: Plan, limit: float, *, show_all: bool) -> Table:
+    """The candidates as a table; long lists are cut a few rows after the chosen plan."""
+    index = next(i for i, (p, _) in enumerate(rows) if p == chosen)
+    end = len(rows) if show_all or len(rows) <= _SHOWN else index + 1 + _AFTER_CHOSEN
+    table = Table(box=box.SIMPLE, caption=None if end >= len(rows) else
+                  f"... {len(rows) - end} less capable plans not shown (--all)")
+    for header in ("", "rank", "batch", "seq len", "checkpointing", "estimate", "fits"):
+        table.add_column(header, justify="right" if header in ("rank", "seq len", "estimate") else "left")
+    for plan, est in rows[:end]:
+        mark = "→ chosen" if plan == chosen else ""
+        table.add_row(mark, str(plan.rank), f"{plan.micro_batch} x {plan.grad_accum}", str(plan.seq_len),
+                      "yes" if plan.checkpointing else "no", format_size(est.total),
+                      "yes" if est.total <= limit else "no",
+                      style="bold" if plan == chosen else None)
+    return table
