@@ -538,7 +538,8 @@ def enable_checkpointing(model: nn.Module) -> None:
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    inner.enable_input_require_grads()
+    if not getattr(inner, "_require_grads_hooks", None):  # transformers 5 enables it already
+        inner.enable_input_require_grads()
     if getattr(inner, "config", None) is not None:
         inner.config.use_cache = False
 
@@ -564,8 +565,9 @@ def measure_peak(model: str, task: str, plan: Plan, *, targets: Sequence[str] | 
 
     The child runs with one torch thread: it imports torch, transformers and peft, reads the baseline,
     loads ``model``, attaches LoRA (``targets`` or the family's defaults), enables checkpointing when
-    the plan asks, and trains on synthetic examples of ``plan.seq_len`` tokens (one a token shorter,
-    so the batch is padded as real batches are) with :func:`pollinate.training.train_local`.
+    the plan asks, and trains on synthetic examples of ``plan.seq_len`` tokens (every other one a token
+    shorter, so batches are padded as real ones are) with :func:`pollinate.training.train_local`, one
+    step being ``grad_accum`` micro-batches of ``micro_batch`` examples.
 
     Parameters
     ----------
@@ -639,8 +641,8 @@ def _measure_main(request_json: str) -> None:
     if request["bare"]:
         _bare_loop(peft_model, examples, plan, request["steps"], tokenizer.pad_token_id)
     else:
-        train_local(peft_model, examples, steps=request["steps"], batch_size=plan.micro_batch,
-                    lr=1e-4, pad_id=tokenizer.pad_token_id, seed=0)
+        train_local(peft_model, examples, steps=request["steps"], batch_size=plan.effective_batch,
+                    lr=1e-4, pad_id=tokenizer.pad_token_id, seed=0, micro_batch=plan.micro_batch)
     seconds = time.perf_counter() - start
     print(json.dumps({"peak": peak_bytes() - baseline, "baseline": baseline, "loaded": loaded,
                       "seconds": seconds}))
@@ -669,11 +671,12 @@ def _default_targets(model_type: str) -> tuple[str, ...]:
 
 
 def _synthetic_examples(plan: Plan, vocab: int, task: str) -> list[dict[str, Any]]:
-    """``micro_batch`` encoded examples of ``seq_len`` random tokens; the last one a token shorter."""
+    """One step's encoded examples of random tokens: ``seq_len`` long, every other one a token shorter
+    so that micro-batches are padded (with a mask) as real batches are."""
     generator = torch.Generator().manual_seed(0)
     examples = []
-    for i in range(plan.micro_batch):
-        length = plan.seq_len - 1 if i == plan.micro_batch - 1 and plan.micro_batch > 1 else plan.seq_len
+    for i in range(plan.effective_batch):
+        length = plan.seq_len - (i % 2)
         ids = torch.randint(3, vocab - 3, (length,), generator=generator).tolist()
         label: Any = ids if task == "generation" else i % 2
         examples.append({"input_ids": ids, "attention_mask": [1] * length, "labels": label})
@@ -682,14 +685,16 @@ def _synthetic_examples(plan: Plan, vocab: int, task: str) -> list[dict[str, Any
 
 def _bare_loop(model: nn.Module, examples: list[dict[str, Any]], plan: Plan, steps: int,
                pad_id: int) -> None:
-    """The reference training loop: one padded batch, forward, backward, AdamW, nothing else."""
+    """The reference training loop: padded micro-batches, forward, backward, AdamW, nothing else."""
     from pollinate.data import collate
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    batch = collate(examples, pad_id)
+    parts = [collate(examples[i : i + plan.micro_batch], pad_id)
+             for i in range(0, len(examples), plan.micro_batch)]
     for _ in range(steps):
-        model(**batch).loss.backward()
+        for part in parts:
+            (model(**part).loss / len(parts)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
