@@ -28,6 +28,7 @@ from pollinate.edge.bundle_pb2 import Adapter, AdapterMode, BaseModel, LoraInput
 __all__ = [
     "ADAPTER_MODES",
     "ADAPTER_SUFFIX",
+    "BASE_DELTA_FILE",
     "Checkpoint",
     "PeftAdapter",
     "adapter_message",
@@ -44,6 +45,9 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 ADAPTER_MODES: tuple[str, ...] = ("merged", "separate")
 """``merged``: merge_and_unload before export; ``separate``: LoRA weights as graph inputs + adapter files."""
 _CONFIG, _WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+BASE_DELTA_FILE = "base_delta.safetensors"
+"""Updates merged into the base weights during the federation, beside the adapter in a checkpoint:
+``<module>.D`` (dense ΔW, out x in) or ``<module>.L`` and ``<module>.R`` (ΔW = L R), by peft module name."""
 _ROUND = re.compile(r"round-(\d+)$")
 
 
@@ -54,6 +58,12 @@ class Checkpoint:
     folder: Path
     run_config: dict[str, Any]
     """The run's flat ``config.json`` (``model``, ``task``, ``seed``, ``lora.rank``, ...)."""
+
+    @property
+    def base_delta_sha256(self) -> str:
+        """SHA-256 of the checkpoint's merged base updates, '' when it has none."""
+        path = self.folder / BASE_DELTA_FILE
+        return manifest.sha256_file(path) if path.is_file() else ""
 
     @property
     def round(self) -> int:
@@ -273,6 +283,10 @@ def export_adapter(source: Path, bundle: Path, out: Path, *, sign_key: Path | No
                          "with --adapters separate to ship adapters on their own")
     checkpoint = resolve_checkpoint(source)
     _check_same_base(checkpoint, bundle_manifest.base, bundle)
+    if checkpoint.base_delta_sha256 != bundle_manifest.base.base_delta_sha256:
+        raise ValueError(f"--adapter-for: checkpoint {str(checkpoint.folder)!r} was trained on a base with "
+                         f"other merged updates ({BASE_DELTA_FILE}) than bundle {str(bundle)!r}; export the "
+                         "base again from this checkpoint")
     peft_adapter = read_adapter(checkpoint.folder)
     tensors = adapter_tensors(peft_adapter)
     check_fits(tensors, bundle_manifest.graph.lora_inputs, f"checkpoint {checkpoint.folder}")
@@ -289,8 +303,9 @@ def export_adapter(source: Path, bundle: Path, out: Path, *, sign_key: Path | No
 def _check_same_base(checkpoint: Checkpoint, base: BaseModel, bundle: Path) -> None:
     """Refuse a checkpoint whose run trained another base model than the bundle's."""
     cfg = checkpoint.run_config
-    mine = (str(cfg["model"]), int(cfg.get("seed", 0)) if base.seeded else 0)
-    if mine != (base.name, int(base.seed) if base.seeded else 0):
-        raise ValueError(f"--adapter-for: checkpoint {str(checkpoint.folder)!r} was trained on base "
-                         f"{mine[0]} (seed {mine[1]}), bundle {str(bundle)!r} holds {base.name} "
-                         f"(seed {base.seed})")
+    name, seed = str(cfg["model"]), int(cfg.get("seed", 0))
+    if name != base.name or (base.seeded and seed != base.seed):
+        mine = f"{name} (seed {seed})" if base.seeded else name
+        theirs = f"{base.name} (seed {base.seed})" if base.seeded else base.name
+        raise ValueError(f"--adapter-for: checkpoint {str(checkpoint.folder)!r} was trained on base {mine}, "
+                         f"bundle {str(bundle)!r} holds {theirs}")

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x62undle.proto\x12\x11pollinate.edge.v1\"8\n\nFileDigest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x91\x01\n\tBaseModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x04\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x06 \x01(\t\x12\x0e\n\x06seeded\x18\x07 \x01(\x08\"(\n\tLoraInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xaa\x02\n\x05Graph\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\r\n\x05opset\x18\x02 \x01(\r\x12\x12\n\nir_version\x18\x03 \x01(\r\x12\x35\n\x0cquantization\x18\x04 \x01(\x0e\x32\x1f.pollinate.edge.v1.Quantization\x12\x1f\n\x17quantization_block_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x15\n\rmax_positions\x18\n \x01(\r\x12\x31\n\x0blora_inputs\x18\x0b \x03(\x0b\x32\x1c.pollinate.edge.v1.LoraInput\"\xe3\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x1b\n\x13\x62\x61se_weights_sha256\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\r\n\x05\x61lpha\x18\x06 \x01(\x02\x12\x0f\n\x07targets\x18\x07 \x03(\t\x12\x17\n\x0fmodules_to_save\x18\x08 \x03(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\r\n\x05round\x18\n \x01(\r\x12\x15\n\rsource_sha256\x18\x0b \x01(\t\x12\x12\n\nuse_rslora\x18\x0c \x01(\x08\"\x90\x01\n\rTokenizerInfo\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x1a\n\x12\x63hat_template_file\x18\x02 \x01(\t\x12\x15\n\reos_token_ids\x18\x03 \x03(\x03\x12\x14\n\x0cpad_token_id\x18\x04 \x01(\x03\x12\x14\n\x0c\x62os_token_id\x18\x05 \x01(\x03\x12\x12\n\nmax_length\x18\x06 \x01(\r\"P\n\x12GenerationDefaults\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\"\xc4\x04\n\x0e\x42undleManifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x19\n\x11pollinate_version\x18\x02 \x01(\t\x12%\n\x04task\x18\x03 \x01(\x0e\x32\x17.pollinate.edge.v1.Task\x12*\n\x04\x62\x61se\x18\x04 \x01(\x0b\x32\x1c.pollinate.edge.v1.BaseModel\x12\'\n\x05graph\x18\x05 \x01(\x0b\x32\x18.pollinate.edge.v1.Graph\x12\x34\n\x0c\x61\x64\x61pter_mode\x18\x06 \x01(\x0e\x32\x1e.pollinate.edge.v1.AdapterMode\x12+\n\x07\x61\x64\x61pter\x18\x07 \x01(\x0b\x32\x1a.pollinate.edge.v1.Adapter\x12\x33\n\ttokenizer\x18\x08 \x01(\x0b\x32 .pollinate.edge.v1.TokenizerInfo\x12\x39\n\ngeneration\x18\t \x01(\x0b\x32%.pollinate.edge.v1.GenerationDefaults\x12\x0e\n\x06labels\x18\n \x03(\t\x12,\n\x05\x66iles\x18\x0b \x03(\x0b\x32\x1d.pollinate.edge.v1.FileDigest\x12\x41\n\x08producer\x18\x0c \x03(\x0b\x32/.pollinate.edge.v1.BundleManifest.ProducerEntry\x1a/\n\rProducerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\x0f\x41\x64\x61pterManifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x19\n\x11pollinate_version\x18\x02 \x01(\t\x12+\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x1a.pollinate.edge.v1.Adapter\"w\n\x0eSignedManifest\x12\x14\n\x0cpayload_type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x1b\n\x13signature_algorithm\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c*@\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nGENERATION\x10\x01\x12\x12\n\x0e\x43LASSIFICATION\x10\x02*J\n\x0cQuantization\x12\x1c\n\x18QUANTIZATION_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x08\n\x04INT8\x10\x02\x12\x08\n\x04INT4\x10\x03*E\n\x0b\x41\x64\x61pterMode\x12\x1c\n\x18\x41\x44\x41PTER_MODE_UNSPECIFIED\x10\x00\x12\n\n\x06MERGED\x10\x01\x12\x0c\n\x08SEPARATE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x62undle.proto\x12\x11pollinate.edge.v1\"8\n\nFileDigest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\xac\x01\n\tBaseModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x04\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x06 \x01(\t\x12\x0e\n\x06seeded\x18\x07 \x01(\x08\x12\x19\n\x11\x62\x61se_delta_sha256\x18\x08 \x01(\t\"(\n\tLoraInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xaa\x02\n\x05Graph\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\r\n\x05opset\x18\x02 \x01(\r\x12\x12\n\nir_version\x18\x03 \x01(\r\x12\x35\n\x0cquantization\x18\x04 \x01(\x0e\x32\x1f.pollinate.edge.v1.Quantization\x12\x1f\n\x17quantization_block_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x15\n\rmax_positions\x18\n \x01(\r\x12\x31\n\x0blora_inputs\x18\x0b \x03(\x0b\x32\x1c.pollinate.edge.v1.LoraInput\"\xe3\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x1b\n\x13\x62\x61se_weights_sha256\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\r\n\x05\x61lpha\x18\x06 \x01(\x02\x12\x0f\n\x07targets\x18\x07 \x03(\t\x12\x17\n\x0fmodules_to_save\x18\x08 \x03(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\r\n\x05round\x18\n \x01(\r\x12\x15\n\rsource_sha256\x18\x0b \x01(\t\x12\x12\n\nuse_rslora\x18\x0c \x01(\x08\"\x90\x01\n\rTokenizerInfo\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x1a\n\x12\x63hat_template_file\x18\x02 \x01(\t\x12\x15\n\reos_token_ids\x18\x03 \x03(\x03\x12\x14\n\x0cpad_token_id\x18\x04 \x01(\x03\x12\x14\n\x0c\x62os_token_id\x18\x05 \x01(\x03\x12\x12\n\nmax_length\x18\x06 \x01(\r\"P\n\x12GenerationDefaults\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\"\xc4\x04\n\x0e\x42undleManifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x19\n\x11pollinate_version\x18\x02 \x01(\t\x12%\n\x04task\x18\x03 \x01(\x0e\x32\x17.pollinate.edge.v1.Task\x12*\n\x04\x62\x61se\x18\x04 \x01(\x0b\x32\x1c.pollinate.edge.v1.BaseModel\x12\'\n\x05graph\x18\x05 \x01(\x0b\x32\x18.pollinate.edge.v1.Graph\x12\x34\n\x0c\x61\x64\x61pter_mode\x18\x06 \x01(\x0e\x32\x1e.pollinate.edge.v1.AdapterMode\x12+\n\x07\x61\x64\x61pter\x18\x07 \x01(\x0b\x32\x1a.pollinate.edge.v1.Adapter\x12\x33\n\ttokenizer\x18\x08 \x01(\x0b\x32 .pollinate.edge.v1.TokenizerInfo\x12\x39\n\ngeneration\x18\t \x01(\x0b\x32%.pollinate.edge.v1.GenerationDefaults\x12\x0e\n\x06labels\x18\n \x03(\t\x12,\n\x05\x66iles\x18\x0b \x03(\x0b\x32\x1d.pollinate.edge.v1.FileDigest\x12\x41\n\x08producer\x18\x0c \x03(\x0b\x32/.pollinate.edge.v1.BundleManifest.ProducerEntry\x1a/\n\rProducerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\x0f\x41\x64\x61pterManifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x19\n\x11pollinate_version\x18\x02 \x01(\t\x12+\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x1a.pollinate.edge.v1.Adapter\"w\n\x0eSignedManifest\x12\x14\n\x0cpayload_type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x1b\n\x13signature_algorithm\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c*@\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nGENERATION\x10\x01\x12\x12\n\x0e\x43LASSIFICATION\x10\x02*J\n\x0cQuantization\x12\x1c\n\x18QUANTIZATION_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x08\n\x04INT8\x10\x02\x12\x08\n\x04INT4\x10\x03*E\n\x0b\x41\x64\x61pterMode\x12\x1c\n\x18\x41\x44\x41PTER_MODE_UNSPECIFIED\x10\x00\x12\n\n\x06MERGED\x10\x01\x12\x0c\n\x08SEPARATE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BUNDLEMANIFEST_PRODUCERENTRY']._loaded_options = None
   _globals['_BUNDLEMANIFEST_PRODUCERENTRY']._serialized_options = b'8\001'
-  _globals['_TASK']._serialized_start=1862
-  _globals['_TASK']._serialized_end=1926
-  _globals['_QUANTIZATION']._serialized_start=1928
-  _globals['_QUANTIZATION']._serialized_end=2002
-  _globals['_ADAPTERMODE']._serialized_start=2004
-  _globals['_ADAPTERMODE']._serialized_end=2073
+  _globals['_TASK']._serialized_start=1889
+  _globals['_TASK']._serialized_end=1953
+  _globals['_QUANTIZATION']._serialized_start=1955
+  _globals['_QUANTIZATION']._serialized_end=2029
+  _globals['_ADAPTERMODE']._serialized_start=2031
+  _globals['_ADAPTERMODE']._serialized_end=2100
   _globals['_FILEDIGEST']._serialized_start=35
   _globals['_FILEDIGEST']._serialized_end=91
   _globals['_BASEMODEL']._serialized_start=94
-  _globals['_BASEMODEL']._serialized_end=239
-  _globals['_LORAINPUT']._serialized_start=241
-  _globals['_LORAINPUT']._serialized_end=281
-  _globals['_GRAPH']._serialized_start=284
-  _globals['_GRAPH']._serialized_end=582
-  _globals['_ADAPTER']._serialized_start=585
-  _globals['_ADAPTER']._serialized_end=812
-  _globals['_TOKENIZERINFO']._serialized_start=815
-  _globals['_TOKENIZERINFO']._serialized_end=959
-  _globals['_GENERATIONDEFAULTS']._serialized_start=961
-  _globals['_GENERATIONDEFAULTS']._serialized_end=1041
-  _globals['_BUNDLEMANIFEST']._serialized_start=1044
-  _globals['_BUNDLEMANIFEST']._serialized_end=1624
-  _globals['_BUNDLEMANIFEST_PRODUCERENTRY']._serialized_start=1577
-  _globals['_BUNDLEMANIFEST_PRODUCERENTRY']._serialized_end=1624
-  _globals['_ADAPTERMANIFEST']._serialized_start=1626
-  _globals['_ADAPTERMANIFEST']._serialized_end=1739
-  _globals['_SIGNEDMANIFEST']._serialized_start=1741
-  _globals['_SIGNEDMANIFEST']._serialized_end=1860
+  _globals['_BASEMODEL']._serialized_end=266
+  _globals['_LORAINPUT']._serialized_start=268
+  _globals['_LORAINPUT']._serialized_end=308
+  _globals['_GRAPH']._serialized_start=311
+  _globals['_GRAPH']._serialized_end=609
+  _globals['_ADAPTER']._serialized_start=612
+  _globals['_ADAPTER']._serialized_end=839
+  _globals['_TOKENIZERINFO']._serialized_start=842
+  _globals['_TOKENIZERINFO']._serialized_end=986
+  _globals['_GENERATIONDEFAULTS']._serialized_start=988
+  _globals['_GENERATIONDEFAULTS']._serialized_end=1068
+  _globals['_BUNDLEMANIFEST']._serialized_start=1071
+  _globals['_BUNDLEMANIFEST']._serialized_end=1651
+  _globals['_BUNDLEMANIFEST_PRODUCERENTRY']._serialized_start=1604
+  _globals['_BUNDLEMANIFEST_PRODUCERENTRY']._serialized_end=1651
+  _globals['_ADAPTERMANIFEST']._serialized_start=1653
+  _globals['_ADAPTERMANIFEST']._serialized_end=1766
+  _globals['_SIGNEDMANIFEST']._serialized_start=1768
+  _globals['_SIGNEDMANIFEST']._serialized_end=1887
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ class FileDigest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class BaseModel(_message.Message):
-    __slots__ = ("name", "architecture", "model_type", "num_parameters", "seed", "weights_sha256", "seeded")
+    __slots__ = ("name", "architecture", "model_type", "num_parameters", "seed", "weights_sha256", "seeded", "base_delta_sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class BaseModel(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     SEEDED_FIELD_NUMBER: _ClassVar[int]
+    BASE_DELTA_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     model_type: str
@@ -64,7 +65,8 @@ class BaseModel(_message.Message):
     seed: int
     weights_sha256: str
     seeded: bool
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., num_parameters: _Optional[int] = ..., seed: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., seeded: bool = ...) -> None: ...
+    base_delta_sha256: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., num_parameters: _Optional[int] = ..., seed: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., seeded: bool = ..., base_delta_sha256: _Optional[str] = ...) -> None: ...
 
 class LoraInput(_message.Message):
     __slots__ = ("name", "shape")

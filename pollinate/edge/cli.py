@@ -151,7 +151,7 @@ def _describe(manifest: dict[str, Any]) -> list[str]:
                       for f in value]
         elif isinstance(value, dict):
             lines.append(f"{key}:")
-            lines += [f"  {k}: {_short(v)}" for k, v in value.items() if v not in ("", [], {}, 0)]
+            lines += [f"  {k}: {_short(v)}" for k, v in value.items() if v not in ("", [], {})]
         elif value not in ("", [], {}):
             lines.append(f"{key}: {_short(value)}")
     return lines

@@ -14,6 +14,10 @@ Two adapter modes:
     graph alone is the base model) and a LoRA scale of 1; each checkpoint becomes an onnxruntime
     adapter file (:mod:`pollinate.edge.adapters`) that the runner activates. A new round ships only
     its adapter file (``pollinate export CHECKPOINT --adapter-for BUNDLE``).
+
+Updates a strategy merged into the base weights during the federation (the checkpoint's
+``base_delta.safetensors``) are applied to the base before anything else: they are part of the base
+that the bundle's identity (``weights_sha256``) and its adapters refer to.
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.export import Dim
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from pollinate import models
 from pollinate.edge import adapters, manifest, quantize
 from pollinate.edge.adapters import ADAPTER_MODES
 from pollinate.edge.bundle_pb2 import (
+    Adapter,
     AdapterMode,
     BaseModel,
     BundleManifest,
@@ -204,12 +209,31 @@ def _export_graph(model: nn.Module, task: str, config: Any, path: Path,
     else:
         wrapper = CausalLMWithCache(model, _kv_shape(config)[0])
     program = _trace(wrapper.eval(), task, config)
-    # Inputs first, then the optimiser: it folds the base weights' transposes but never an input.
     lora_inputs = _promote_adapter_weights(program, adapter_params) if adapter_params else []
+    with _quiet(), _hidden_defaults(program.model.graph, {i.name for i in lora_inputs}):
+        program.optimize()  # folds the base weights' transposes; sees the adapter weights as plain inputs
     with _quiet():
-        program.optimize()
         program.save(str(path), external_data=False)
     return lora_inputs
+
+
+@contextlib.contextmanager
+def _hidden_defaults(graph: Any, names: set[str]) -> Iterator[None]:
+    """Detach the default values of the inputs ``names`` while the block runs, then restore them.
+
+    The optimiser's rewrite rules read an initializer's value even when it is also a graph input:
+    with the zero defaults in view it would drop a classifier's zero bias or a zero LoRA branch.
+    """
+    hidden = [(value, value.const_value) for value in graph.inputs if value.name in names]
+    for value, _ in hidden:
+        graph.initializers.pop(value.name)
+        value.const_value = None
+    try:
+        yield
+    finally:
+        for value, tensor in hidden:
+            value.const_value = tensor
+            graph.register_initializer(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,6 +273,30 @@ def _label_names(run_config: dict[str, Any], count: int) -> list[str]:
     return [str(n) for n in names] if len(names) == count else [str(i) for i in range(count)]
 
 
+@torch.no_grad()
+def _apply_base_delta(base: nn.Module, path: Path) -> None:
+    """W += ΔW for every module of a checkpoint's ``base_delta.safetensors`` (absent: nothing to do)."""
+    if not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    flat = load_file(str(path))
+    for key, tensor in flat.items():
+        name, part = key.rsplit(".", 1)
+        if part == "R":
+            continue  # used with its .L
+        delta = tensor if part == "D" else tensor @ flat[f"{name}.R"]  # (out, in)
+        try:
+            module = base.get_submodule(name.removeprefix("base_model.model."))  # peft name -> base name
+        except AttributeError:
+            raise ValueError(f"{path}: {name} is not a module of the base model") from None
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        if tuple(weight.shape) != tuple(delta.shape):
+            raise ValueError(f"{path}: {name} has a delta of shape {tuple(delta.shape)}, the weight "
+                             f"{tuple(weight.shape)}")
+        weight.add_(delta.to(weight.dtype))
+
+
 def _seeded(name: str, task: str) -> bool:
     """Whether :func:`pollinate.models.load_model` draws some weights of this base from the seed."""
     return name in ("tiny-llama", "tiny-bert") or task == "classification"
@@ -261,11 +309,13 @@ def _load(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
     task, seed = cfg["task"], int(cfg.get("seed", 0))
     num_labels = _num_labels(adapter) if task == "classification" else 2
     base, tokenizer = models.load_model(cfg["model"], task, num_labels=num_labels, seed=seed)
+    _apply_base_delta(base, checkpoint.folder / adapters.BASE_DELTA_FILE)
     info = BaseModel(
         name=str(cfg["model"]), architecture=type(base).__name__,
         model_type=str(getattr(base.config, "model_type", "")),
         num_parameters=sum(p.numel() for p in base.parameters()), seed=seed,
-        weights_sha256=weights_sha256(base), seeded=_seeded(cfg["model"], task))
+        weights_sha256=weights_sha256(base), seeded=_seeded(cfg["model"], task),
+        base_delta_sha256=checkpoint.base_delta_sha256)
     peft_model = PeftModel.from_pretrained(base, str(checkpoint.folder))
     return peft_model.eval(), tokenizer, info
 
@@ -280,8 +330,9 @@ def _as_bare_adapter_graph(model: PeftModel) -> set[str]:
         if isinstance(module, LoraLayer):
             for name in module.scaling:
                 module.scaling[name] = 1.0  # adapter files carry B pre-scaled
-            for factors in (module.lora_A, module.lora_B):
-                for layer in factors.values():
+            factors: list[Any] = [module.lora_A, module.lora_B]  # ModuleDicts of nn.Linear
+            for factor in factors:
+                for layer in factor.values():
                     layer.weight.zero_()
         elif isinstance(module, ModulesToSaveWrapper):
             for copy in module.modules_to_save.values():
@@ -295,7 +346,7 @@ def _as_bare_adapter_graph(model: PeftModel) -> set[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, task: str,
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module, task: str,
                     out: Path) -> TokenizerInfo:
     """Write ``tokenizer.json`` (no padding or truncation baked in) and the chat template."""
     backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
@@ -307,7 +358,8 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, 
     for token in generation_eos if isinstance(generation_eos, list) else [generation_eos]:
         if token is not None and int(token) not in eos:
             eos.append(int(token))
-    positions = int(getattr(model.config, "max_position_embeddings", 0) or 512)
+    config: Any = getattr(model, "config", None)
+    positions = int(getattr(config, "max_position_embeddings", 0) or 512)
     info = TokenizerInfo(
         file=TOKENIZER_FILE, eos_token_ids=eos, pad_token_id=int(tokenizer.pad_token_id or 0),
         bos_token_id=-1 if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
@@ -329,8 +381,8 @@ def _graph_message(path: Path, config: Any, task: str, quantization: str,
                   vocab_size=int(getattr(config, "vocab_size", 0) or 0),
                   max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
                   lora_inputs=lora_inputs)
-    if quantization == "int4":
-        graph.quantization_block_size = quantize.INT4_BLOCK_SIZE
+    if quantization != "none":
+        graph.quantization_block_size = quantize.BLOCK_SIZE
     if task == "generation":
         graph.num_layers, graph.num_kv_heads, graph.head_dim = _kv_shape(config)
     return graph
@@ -356,6 +408,17 @@ def _prepare_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out: {str(out)!r} exists and is not an empty folder; choose a new path")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_adapter(out: Path, checkpoint: adapters.Checkpoint, peft_adapter: adapters.PeftAdapter,
+                   lora_inputs: list[LoraInput], entry: Adapter) -> None:
+    """The checkpoint's adapter as ``out/adapters/<checkpoint>.onnx_adapter``; records it in ``entry``."""
+    tensors = adapters.adapter_tensors(peft_adapter)
+    adapters.check_fits(tensors, lora_inputs, f"checkpoint {checkpoint.folder}")
+    name = f"{ADAPTER_DIR}/{checkpoint.folder.name}{adapters.ADAPTER_SUFFIX}"
+    adapters.write_adapter_file(tensors, out / name, version=checkpoint.round)
+    digest = manifest.digest(out, name)
+    entry.file, entry.sha256, entry.size = digest.name, digest.sha256, digest.size
 
 
 def export_bundle(source: Path, out: Path, *, quantization: str = "none", adapter_mode: str = "merged",
@@ -412,12 +475,7 @@ def _build(checkpoint: adapters.Checkpoint, peft_adapter: adapters.PeftAdapter, 
     else:
         params = _as_bare_adapter_graph(peft_model)
         lora_inputs = _export_graph(peft_model, task, config, graph_path, params)
-        tensors = adapters.adapter_tensors(peft_adapter)
-        adapters.check_fits(tensors, lora_inputs, f"checkpoint {checkpoint.folder}")
-        name = f"{ADAPTER_DIR}/{checkpoint.folder.name}{adapters.ADAPTER_SUFFIX}"
-        adapters.write_adapter_file(tensors, out / name, version=checkpoint.round)
-        digest = manifest.digest(out, name)
-        entry.file, entry.sha256, entry.size = digest.name, digest.sha256, digest.size
+        _write_adapter(out, checkpoint, peft_adapter, lora_inputs, entry)
     if quantization != "none":
         quantize.quantize_file(graph_path, graph_path, quantization)
     result = BundleManifest(
