@@ -30,8 +30,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
+bench: setup  # one after the other: timings on 2 cores are only fair on a quiet machine
 	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/strategies_quality.py
+	$(BIN)/python benchmarks/aggregation_cost.py
+	$(BIN)/python benchmarks/strategies_bytes.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/edge_bench.py
 
 lint: setup
 	$(BIN)/ruff check pollinate tests benchmarks
