@@ -556,6 +556,11 @@ class Measurement:
     """Resident bytes the loaded model with its adapter added to the baseline, before training."""
     seconds: float
     """Wall time of the training steps."""
+    cpu_seconds: float = 0.0
+    """CPU time (user and system) of the training steps: unlike wall time, barely moved by other
+    programs on the machine."""
+    minor_faults: int = 0
+    """Pages the kernel had to map in during the training steps (fresh memory costs system time)."""
 
 
 def measure_peak(model: str, task: str, plan: Plan, *, targets: Sequence[str] | None = None,
@@ -605,6 +610,7 @@ def measure_peak(model: str, task: str, plan: Plan, *, targets: Sequence[str] | 
 
 def _measure_main(request_json: str) -> None:
     """Child side of :func:`measure_peak`: print one JSON line with the measurement."""
+    import resource
     import time
     import warnings
 
@@ -637,15 +643,17 @@ def _measure_main(request_json: str) -> None:
     examples = _synthetic_examples(plan, model.config.vocab_size, request["task"])
     _touch(peft_model)
     loaded = peak_bytes() - baseline
-    start = time.perf_counter()
+    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if request["bare"]:
         _bare_loop(peft_model, examples, plan, request["steps"], tokenizer.pad_token_id)
     else:
         train_local(peft_model, examples, steps=request["steps"], batch_size=plan.effective_batch,
                     lr=1e-4, pad_id=tokenizer.pad_token_id, seed=0, micro_batch=plan.micro_batch)
-    seconds = time.perf_counter() - start
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     print(json.dumps({"peak": peak_bytes() - baseline, "baseline": baseline, "loaded": loaded,
-                      "seconds": seconds}))
+                      "seconds": seconds, "cpu_seconds": cpu,
+                      "minor_faults": after.ru_minflt - usage.ru_minflt}))
 
 
 @torch.no_grad()
