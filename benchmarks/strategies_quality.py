@@ -229,6 +229,7 @@ def section(out: dict[str, Any]) -> list[str]:
             for label, ev in series]
     lines += [table(["run", *[f"round {r}" for r in rounds]], rows), ""]
     lines += ["Findings (final round):", "", *findings(out), ""]
+    lines += lr_checks(bool(out["quick"]))
     if out.get("notes"):
         lines += [out["notes"], ""]
     lines += [f"This benchmark took {out['wall_seconds'] / 60:.1f} min "
@@ -264,10 +265,55 @@ def update_doc(quick: bool) -> Path:
     return target
 
 
+def lr_check(args: argparse.Namespace, base: dict[str, Any], hetero: str, uniform: int,
+             start: float) -> None:
+    """The same federations at another learning rate (a sensitivity check of the main comparison)."""
+    wanted = [label.strip() for label in args.runs.split(",")]
+    runs = []
+    for label, strategy, ranks in RUNS:
+        if label in wanted:
+            settings = settings_for(base, strategy, hetero if ranks else None, uniform)
+            res = {"label": label, **federated(settings)}
+            last = _final(res["eval_by_round"])
+            print(f"lr {base['lr']} {label}: accuracy {last['accuracy']:.3f}, loss {last['loss']:.3f} "
+                  f"({res['wall_seconds']:.0f} s)", flush=True)
+            runs.append(res)
+    out = {"name": f"{NAME}-lr{base['lr']:g}", "quick": args.quick, "base": base, "runs": runs,
+           "machine": machine(), "wall_seconds": time.perf_counter() - start}
+    print(f"results: {save_result(out['name'], out)}")
+    print(f"doc: {update_doc(args.quick)}")
+
+
+def lr_checks(quick: bool) -> list[str]:
+    """The learning-rate checks found beside the main results, as a table."""
+    import json
+
+    rows = []
+    for path in sorted(RESULTS.glob(f"{NAME}-lr*.json")):
+        if path.name.endswith(".quick.json") != quick:
+            continue
+        check = json.loads(path.read_text())
+        for r in check["runs"]:
+            ev = r["eval_by_round"]
+            rows.append([check["base"]["lr"], r["label"],
+                         " -> ".join(f"{ev[k]['accuracy']:.3f}" for k in sorted(ev, key=int)),
+                         " -> ".join(f"{ev[k]['loss']:.3f}" for k in sorted(ev, key=int)),
+                         f"{r['wall_seconds']:.0f}"])
+    if not rows:
+        return []
+    return ["Learning-rate check (`--lr`): the same federations, everything else equal; accuracy and loss "
+            "from round 0 to the last:", "",
+            table(["lr", "run", "accuracy by round", "loss by round", "wall s"], rows), ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny-bert, 3 clients, 2 rounds: a smoke test")
     parser.add_argument("--docs-only", action="store_true", help="only rebuild the doc from the results")
+    parser.add_argument("--lr", type=float, help="a learning-rate check: only the --runs federations at this "
+                        "lr, no reference, no plot; results in strategies_quality-lr<LR>.json")
+    parser.add_argument("--runs", default="fedit,ffa,fedex,flora (uniform)",
+                        help="with --lr: the run labels to repeat, comma-separated")
     args = parser.parse_args()
     if args.docs_only:
         print(f"doc: {update_doc(args.quick)}")
@@ -275,6 +321,9 @@ def main() -> None:
     start = time.perf_counter()
     base = QUICK if args.quick else BASE
     hetero, uniform = (QUICK_HETERO, QUICK_UNIFORM) if args.quick else (HETERO, UNIFORM)
+    if args.lr is not None:
+        lr_check(args, {**base, "lr": args.lr}, hetero, uniform, start)
+        return
     runs = []
     for label, strategy, ranks in RUNS:
         settings = settings_for(base, strategy, hetero if ranks else None, uniform)
