@@ -31,6 +31,7 @@ from pollinate.edge.bundle_pb2 import (
     FileDigest,
     SignedManifest,
 )
+from pollinate.server.rundir import sha256_file  # the run folder's file hash; stdlib only
 
 __all__ = [
     "ADAPTER_PAYLOAD",
@@ -83,15 +84,6 @@ class Verified:
 # --------------------------------------------------------------------------------------------------
 # Hashes and versions
 # --------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    """Lowercase hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest_ = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest_.update(block)
-    return digest_.hexdigest()
 
 
 def digest(folder: Path, name: str) -> FileDigest:
