@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, each in its own process; then write docs/benchmarks.md.
 
-    python benchmarks/run_all.py            # full set (about 15-20 minutes on 2 cores), then the doc
+    python benchmarks/run_all.py            # this page's set (about 15-20 minutes on 2 cores), then the doc
     python benchmarks/run_all.py --quick    # smoke versions; writes benchmarks/results/benchmarks.quick.md
     python benchmarks/run_all.py --docs-only  # rewrite the doc from the results already there
     python benchmarks/run_all.py --only trainer  # rerun one benchmark, then rewrite the doc
@@ -220,9 +220,10 @@ def write_doc(quick: bool, minutes: dict[str, float]) -> Path:
         f"Measured on {dt.date.today().isoformat()} on a machine with {m['cpus']} CPU cores and no GPU "
         f"(Python {m['python']}, {m['platform']}), {code}, model SmolLM2-135M-Instruct "
         "(`smollm2-135m-instruct`, fp32, LoRA). Every figure below is read from "
-        "`benchmarks/results/*.json`, written by the scripts in `benchmarks/`. Rerun everything with "
-        "`make bench` (about 15-20 minutes; the benchmarks run one after the other, never together); "
-        "each script also runs alone (`.venv/bin/python benchmarks/overhead.py`, add `--quick` for a "
+        "`benchmarks/results/*.json`, written by the scripts in `benchmarks/`. Rerun this page with "
+        "`.venv/bin/python benchmarks/run_all.py` (about 15-20 minutes on 2 cores) and every page with "
+        "`make bench` (about 3 hours; the benchmarks run one after the other, never together); each "
+        "script also runs alone (`.venv/bin/python benchmarks/overhead.py`, add `--quick` for a "
         "smoke version).", "",
         "The other benchmark pages, each written by its own scripts (`make bench` runs them too): "
         "[exact aggregation](benchmarks-strategies.md), [memory budgets](benchmarks-memory.md), "
