@@ -233,11 +233,33 @@ def write_doc(quick: bool, minutes: dict[str, float]) -> Path:
         *overhead_section(results["overhead"], minutes.get("overhead")),
         *trainer_section(results["trainer"], minutes.get("trainer")),
         *learning_section(results["learning"], minutes.get("learning")),
+        *strategies_section(quick),
     ]
     path = RESULTS / "benchmarks.quick.md" if quick else DOC
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
+
+
+def strategies_section(quick: bool) -> list[str]:
+    """The headlines of the exact-aggregation benchmarks, read from their own results files."""
+    import importlib
+
+    lines = ["## Exact aggregation, heterogeneous ranks", "",
+             "Headlines of [benchmarks-strategies.md](benchmarks-strategies.md), where the settings, the "
+             "per-round tables, the plot and the byte tables are.", ""]
+    for name, title in (("strategies_quality", "Quality"), ("aggregation_cost", "Aggregation cost"),
+                        ("strategies_bytes", "Bytes on the wire against the formulas")):
+        path = RESULTS / f"{name}{'.quick' if quick else ''}.json"
+        if not path.exists():
+            lines += [f"{title}: not run yet (`benchmarks/{name}.py`).", ""]
+            continue
+        module, out = importlib.import_module(name), json.loads(path.read_text())
+        lines += [f"{title} (`benchmarks/{name}.py`):", ""]
+        if name == "strategies_quality":
+            lines += [module.report(out), ""]
+        lines += [line if line.startswith("- ") else f"- {line}" for line in module.findings(out)] + [""]
+    return lines
 
 
 def main() -> None:
