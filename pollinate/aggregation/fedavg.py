@@ -34,8 +34,10 @@ def weighted_average(
     for state in states[1:]:
         if list(state) != keys or any(state[k].shape != states[0][k].shape for k in keys):
             raise ValueError("states differ in keys or shapes; plain averaging needs identical ones")
-    return {
-        key: sum((pk * s[key].to(torch.float64) for pk, s in zip(p, states, strict=True)),
-                 torch.zeros_like(states[0][key], dtype=torch.float64)).to(states[0][key].dtype)
-        for key in keys
-    }
+    out = {}
+    for key in keys:
+        total = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for pk, state in zip(p, states, strict=True):
+            total.add_(state[key], alpha=pk)  # in place, no fp64 copy of the input: one pass per client
+        out[key] = total.to(states[0][key].dtype)
+    return out
