@@ -18,8 +18,8 @@ was tried first: malloc serves the many small factors from heap it already holds
 
 A second table shows what the downlink carries per client: FLoRA's stacked factors grow with
 Σ r_k, FedEx's residual has rank (K-1)·r and goes dense once (K-1)·r·(m+n) > m·n. A third measures what
-the Flower strategy does with it every round: ``LoraStrategy.base_record`` (combine, flatten,
-ArrayRecord) once per sampled node.
+the Flower strategy does with it every round: ``LoraStrategy.build_base_record`` (combine, flatten,
+ArrayRecord), built once per base version and shared by the nodes at that version.
 
     python benchmarks/aggregation_cost.py [--quick]
 """
@@ -197,7 +197,8 @@ def measure_k(k: int, shapes: dict[str, tuple[int, int]], reps: int) -> dict[str
 
 
 def server_downlink(k: int, results: dict[str, Any], reps: int) -> dict[str, Any]:
-    """One node's ``base_record`` (what configure_train builds for each of the K nodes, rounds >= 2)."""
+    """The downlink record the strategy builds in rounds >= 2: time to build it, its bytes, and whether the
+    K nodes at that version share one (``base_record`` caches it per version)."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -209,9 +210,10 @@ def server_downlink(k: int, results: dict[str, Any], reps: int) -> dict[str, Any
     for name, cls, delta in classes:
         strategy = cls(rank=RANK, alpha=ALPHA, num_clients=k)
         strategy.history = [delta]
-        seconds = timed(functools.partial(strategy.base_record, 0), reps)
-        record, _ = strategy.base_record(0)
-        out[name] = {"seconds_per_node": seconds, "record_bytes": wire.wire_bytes(record)}
+        seconds = timed(functools.partial(strategy.build_base_record, 0), reps)
+        records = [strategy.base_record(0)[0] for _ in range(k)]  # what configure_train does for K nodes
+        out[name] = {"build_seconds": seconds, "record_bytes": wire.wire_bytes(records[0]),
+                     "distinct_records": len({id(r) for r in records})}
     return out
 
 
@@ -251,12 +253,12 @@ def downlink_report(out: dict[str, Any]) -> str:
                      f"{d['fedex_residual_formula_numbers'] * mb:.2f}",
                      f"{d['fedex_residual_sent_numbers'] * mb:.2f}",
                      f"{d['fedex_dense_modules']}/{d['modules']}",
-                     " / ".join(f"{s[r]['seconds_per_node'] * 1e3:.1f}" for r in ("flora", "fedex")),
-                     " / ".join(f"{s[r]['seconds_per_node'] * res['k']:.2f}" for r in ("flora", "fedex")),
-                     " / ".join(f"{s[r]['record_bytes'] * res['k'] / 1e6:.0f}" for r in ("flora", "fedex"))])
+                     " / ".join(f"{s[r]['build_seconds'] * 1e3:.1f}" for r in ("flora", "fedex")),
+                     " / ".join(f"{s[r]['record_bytes'] / 1e6:.1f}" for r in ("flora", "fedex")),
+                     " / ".join(str(s[r]["distinct_records"]) for r in ("flora", "fedex"))])
     return table(["K", "adapter MB (fedit down)", "flora down MB: formula", "flora sent", "flora dense",
                   "fedex residual MB: formula", "fedex sent", "fedex dense",
-                  "base_record ms/node flora / fedex", "x K nodes s", "x K nodes MB held"], rows)
+                  "record build ms flora / fedex", "record MB", "records for K nodes"], rows)
 
 
 def section(out: dict[str, Any]) -> list[str]:
@@ -278,11 +280,11 @@ def section(out: dict[str, Any]) -> list[str]:
         "Scaling (time per client should stay flat if the cost is linear in K):", "",
         scaling(out), "",
         f"Downlink per client of rank {RANK} in rounds >= 2, MB (fp32), and what the Flower strategy does "
-        "with it each round: `LoraStrategy.base_record` (combine, to_flat, ArrayRecord) runs once per "
-        "sampled node in `configure_train` - not once per round - and every node's record is held "
-        "until the round's "
-        "messages are pushed. 'Formula' is `payload_numbers`; 'sent' is what the strategy actually puts on "
-        "the wire (factored or dense, whichever is smaller). Dense: matrices sent as m x n.", "",
+        "with it each round: `LoraStrategy.build_base_record` (combine, to_flat, ArrayRecord) is timed; "
+        "`base_record` builds it once per base version and every node at that version gets the same "
+        "record, so 'records for K nodes' (distinct records handed to K nodes) should be 1. 'Formula' is "
+        "`payload_numbers`; 'sent' is what the strategy actually puts on the wire (factored or dense, "
+        "whichever is smaller). Dense: matrices sent as m x n.", "",
         downlink_report(out), "",
         *[f"- {line}" for line in findings(out)], "",
         f"This benchmark took {out['wall_seconds'] / 60:.1f} min.", "",
@@ -303,6 +305,10 @@ def findings(out: dict[str, Any]) -> list[str]:
     lines.append(f"FedEx's residual first goes dense (some matrices) at K={first_dense}: (K-1)·r·(m+n) > m·n "
                  "is K >= 20 for k/v (192x576) and K >= 38 for q/o (576x576) at rank 8."
                  if first_dense else "FedEx's residual stays factored at every K measured.")
+    distinct = {r["server_downlink"][x]["distinct_records"] for r in res for x in ("flora", "fedex")}
+    lines.append("The strategy builds the downlink once per round and every node shares it (one record for "
+                 "K nodes at every K)." if distinct == {1} else
+                 f"UNEXPECTED: K nodes at one version got {sorted(distinct)} distinct downlink records.")
     over = [r["k"] for r in res
             if r["downlink"]["flora_formula_numbers"] != r["downlink"]["flora_sent_numbers"]]
     if over:

@@ -249,9 +249,10 @@ def compare(out: dict[str, Any], label: str, against: str) -> str:
     d_acc = statistics.mean(acc[0]) - statistics.mean(acc[1])
     d_loss = statistics.mean(loss[0]) - statistics.mean(loss[1])
     wins = sum(a > b for a, b in zip(*acc, strict=True))
-    verdict = ("beats" if d_acc > 0 and d_loss < 0 and wins == len(acc[0]) else
-               "is ahead of, not on every seed," if d_acc > 0 else "does not beat")
-    return (f"{label} {verdict} {against}: mean accuracy {d_acc:+.3f}, mean loss {d_loss:+.3f}; "
+    verdict = (f"beats {against}" if d_acc > 0 and d_loss < 0 and wins == len(acc[0]) else
+               f"is ahead of {against} on average, not on every seed" if d_acc > 0 else
+               f"does not beat {against}")
+    return (f"{label} {verdict}: mean accuracy {d_acc:+.3f}, mean loss {d_loss:+.3f}; "
             f"higher accuracy on {wins} of {len(acc[0])} seeds.")
 
 

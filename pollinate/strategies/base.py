@@ -78,6 +78,7 @@ class LoraStrategy(FedAvg):
         self.history: list[BaseDelta] = []  # history[v - 1]: the delta of round v
         self.node_versions: dict[int, int] = {}
         self.last_delta: BaseDelta | None = None
+        self._records: dict[tuple[int, int], ArrayRecord] = {}  # (since, version) -> the downlink
 
     @property
     def version(self) -> int:
@@ -91,11 +92,23 @@ class LoraStrategy(FedAvg):
     # -- downlink ---------------------------------------------------------------------------------
 
     def base_record(self, since: int) -> tuple[ArrayRecord, int]:
-        """The deltas of rounds since+1..version (combined, factored or dense) and ``since``."""
+        """The deltas of rounds since+1..version (combined, factored or dense) and ``since``.
+
+        Built once per (since, version) and shared by every node at that version, so K nodes cost one
+        record in time and memory, not K; records of older versions are dropped.
+        """
         since = min(max(since, 0), self.version)
         if since == self.version:
             return ArrayRecord(), since
-        return wire.to_record(to_flat(combine(self.history[since:]))), since
+        key = (since, self.version)
+        if key not in self._records:
+            self._records = {k: r for k, r in self._records.items() if k[1] == self.version}
+            self._records[key] = self.build_base_record(since)
+        return self._records[key], since
+
+    def build_base_record(self, since: int) -> ArrayRecord:
+        """The record of the deltas since ``since`` (< version), built afresh."""
+        return wire.to_record(to_flat(combine(self.history[since:])))
 
     def node_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord,
                      since: int) -> Message:
