@@ -299,8 +299,10 @@ def findings(out: dict[str, Any]) -> list[str]:
         t = [r["rules"][name]["seconds"] for r in res]
         growth, k_growth = t[-1] / t[0], res[-1]["k"] / res[0]["k"]
         ratios = [r["rules"][name]["ratio"] for r in res]
+        why = (" Faster than linear where the residual turns dense (below): each dense matrix is a product "
+               "with inner size (K-1)·r; linear again once every matrix is dense." if name == "fedex" else "")
         lines.append(f"{name}: time x{growth:.0f} for K x{k_growth:.0f}; ratio to the floor "
-                     f"{min(ratios):.1f}-{max(ratios):.1f}.")
+                     f"{min(ratios):.1f}-{max(ratios):.1f}.{why}")
     first_dense = next((r["k"] for r in res if r["downlink"]["fedex_dense_modules"]), None)
     lines.append(f"FedEx's residual first goes dense (some matrices) at K={first_dense}: (K-1)·r·(m+n) > m·n "
                  "is K >= 20 for k/v (192x576) and K >= 38 for q/o (576x576) at rank 8."
