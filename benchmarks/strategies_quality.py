@@ -376,8 +376,9 @@ def lr_checks(quick: bool) -> list[str]:
                          f"{r['wall_seconds']:.0f}"])
     if not rows:
         return []
-    return ["Learning-rate check (`--lr`; the lr 5e-3 file is a first full run of this script at that lr): "
-            "the same federations, everything else equal; accuracy and loss from round 0 to the last:", "",
+    return ["Learning-rate check (`--lr`, seed 0 only; the lr 5e-3 file is the first full run of this "
+            "script, made at that lr on a shared machine, so its wall times are inflated): the same "
+            "federations, everything else equal; accuracy and loss from round 0 to the last:", "",
             table(["lr", "run", "accuracy by round", "loss by round", "wall s"], rows), ""]
 
 
