@@ -101,13 +101,14 @@ def build(run: Path, work: Path) -> dict[str, Any]:
     """Export every variant; sizes and export times."""
     info: dict[str, Any] = {}
     for name, (quantization, mode) in VARIANTS.items():
-        if not (work / name / "manifest.pb").is_file():
+        timing = work / f"{name}.export-seconds"  # beside the bundle: a reused bundle keeps its export time
+        reused = (work / name / "manifest.pb").is_file()
+        if not reused:
             shutil.rmtree(work / name, ignore_errors=True)
             seconds = (int8_dynamic(work / "fp32", work / name) if name == "int8-dynamic"
                        else export(run, work / name, quantization, mode))
-            info[name] = {"export_s": seconds}
-        else:
-            info[name] = {"export_s": None}
+            timing.write_text(f"{seconds}\n")
+        info[name] = {"export_s": float(timing.read_text()) if timing.is_file() else None, "reused": reused}
         info[name]["graph_bytes"] = (work / name / "model.onnx").stat().st_size
         info[name]["bundle_bytes"] = sum(p.stat().st_size for p in (work / name).rglob("*") if p.is_file())
     return info
@@ -258,7 +259,8 @@ def report(result: dict[str, Any]) -> str:
     ]
     for name in VARIANTS:
         seconds = size[name]["export_s"]
-        shown = "" if seconds is None else f"{seconds:.0f} s"
+        shown = "not recorded" if seconds is None else f"{seconds:.0f} s"
+        shown += " (bundle reused from an earlier run)" if size[name].get("reused") else ""
         lines.append(f"| {name} | {shown} | {_mb(size[name]['bundle_bytes'])} |")
     lines += ["", f"Machine load (busy cores) before the measurements: {result['busy_cores_before']}.", ""]
     return "\n".join(lines)
