@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pollinate.data.catalog import GENERATION, PARTITIONERS, TASKS, default_dataset
+from pollinate.catalog import GENERATION, PARTITIONERS, TASKS, default_dataset
 
 Scalar = bool | int | float | str
 

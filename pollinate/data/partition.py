@@ -19,7 +19,7 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 from flwr_datasets.partitioner.partitioner import Partitioner
 
-from pollinate.data.catalog import PARTITIONERS
+from pollinate.catalog import PARTITIONERS
 
 # Dirichlet tries this many examples per client first, then 1, then repairs empty clients.
 _DIRICHLET_MIN_SIZE = 10

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from pollinate.data.catalog import CLASSIFICATION, GENERATION, TASKS
+from pollinate.catalog import CLASSIFICATION, GENERATION, TASKS
 
 IGNORE_INDEX = -100
 """Label of tokens that do not count in the loss (PyTorch cross-entropy's default)."""

@@ -1,7 +1,7 @@
 """What data pollinate knows by name: tasks, built-in datasets and partitioners.
 
-Standard library only, so that reading a configuration (and ``pollinate --help``) does not load
-torch, datasets or flwr-datasets.
+Standard library only and outside `pollinate.data`, so that reading a configuration (and
+``pollinate --help``) does not load torch, datasets or flwr-datasets.
 """
 
 from __future__ import annotations
