@@ -50,7 +50,8 @@ _BASELINE: list[int] = []  # resident bytes of the runtime before any model was 
 
 
 def _adapted(cfg: RunConfig, plan: Plan, run_id: int, budgeted: bool) -> _Adapted:
-    """This process's model for ``plan``; one at a time, so a measured peak is one client's own.
+    """This process's model for ``plan``; on a budgeted node one at a time, so a measured peak is one
+    client's own (elsewhere every rank's model stays, so clients of mixed ranks never reload).
 
     The run is part of the key: a base merged in one run must never serve another. A model loaded
     anew starts at base version 0 and catches up through the server.
@@ -63,7 +64,9 @@ def _adapted(cfg: RunConfig, plan: Plan, run_id: int, budgeted: bool) -> _Adapte
                     limit_heap_retention()  # ... at 35-46% more CPU a step: only for budgets
                 reset_peak()
                 _BASELINE.append(peak_bytes())
-            _MODELS.clear()
+            # budgeted: one model at a time; otherwise only this run's models (one per rank) stay
+            for stale in [k for k in _MODELS if budgeted or k[:-2] != key[:-2]]:
+                del _MODELS[stale]
             model, tokenizer = workload.base_model(cfg)
             adapter = workload.lora_adapter(cfg, model, plan.rank)
             peft_model = workload.attach(cfg, adapter, model)
@@ -75,11 +78,14 @@ def _adapted(cfg: RunConfig, plan: Plan, run_id: int, budgeted: bool) -> _Adapte
 
 
 def _share(cfg: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase,
-           seq_len: int) -> list[dict]:
+           seq_len: int, budgeted: bool) -> list[dict]:
+    """This client's tokenized share, encoded once per process and run (on a budgeted node only the
+    current client's is kept: the others would count in its peak)."""
     key = (cfg, partition_id, seq_len)
     with _LOCK:
         if key not in _SHARES:
-            _SHARES.clear()  # only the current client's share: others would count in its peak
+            for stale in [k for k in _SHARES if budgeted or k[0] != cfg]:
+                del _SHARES[stale]
             share = workload.shares(cfg)[partition_id]
             _SHARES[key] = encode_dataset(share, tokenizer, cfg.task, seq_len)
         return _SHARES[key]
@@ -127,7 +133,7 @@ def _prepare(msg: Message, context: Context) -> _Ready | Message:
     seed = workload.round_seed(cfg, int(record[wire.ROUND]), profile.partition_id)  # type: ignore[arg-type]
     strategy_class(cfg.strategy).client_side.receive(
         node.adapter, node.model, wire.from_record(wire.arrays_of(msg)), seed=seed)
-    examples = _share(cfg, profile.partition_id, node.tokenizer, plan.seq_len)
+    examples = _share(cfg, profile.partition_id, node.tokenizer, plan.seq_len, profile.budget is not None)
     return _Ready(cfg, seed, profile, plan, estimate, node, examples)
 
 
