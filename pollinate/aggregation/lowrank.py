@@ -28,6 +28,14 @@ class Delta:
         assert self.left is not None and self.right is not None
         return self.left @ self.right
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """m, n of the update, without forming it."""
+        if self.dense is not None:
+            return self.dense.shape[0], self.dense.shape[1]
+        assert self.left is not None and self.right is not None
+        return self.left.shape[0], self.right.shape[1]
+
     def numel(self) -> int:
         """Numbers on the wire."""
         if self.dense is not None:

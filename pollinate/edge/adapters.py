@@ -24,11 +24,11 @@ from safetensors.numpy import load_file
 
 from pollinate.edge import manifest
 from pollinate.edge.bundle_pb2 import Adapter, AdapterMode, BaseModel, LoraInput
+from pollinate.server.rundir import BASE_DELTA_FILE
 
 __all__ = [
     "ADAPTER_MODES",
     "ADAPTER_SUFFIX",
-    "BASE_DELTA_FILE",
     "Checkpoint",
     "PeftAdapter",
     "adapter_message",
@@ -45,7 +45,6 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 ADAPTER_MODES: tuple[str, ...] = ("merged", "separate")
 """``merged``: merge_and_unload before export; ``separate``: LoRA weights as graph inputs + adapter files."""
 _CONFIG, _WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-BASE_DELTA_FILE = "base_delta.safetensors"
 """Updates merged into the base weights during the federation, beside the adapter in a checkpoint:
 ``<module>.D`` (dense ΔW, out x in) or ``<module>.L`` and ``<module>.R`` (ΔW = L R), by peft module name."""
 _ROUND = re.compile(r"round-(\d+)$")

@@ -58,6 +58,7 @@ from pollinate.edge.bundle_pb2 import (
     Task,
     TokenizerInfo,
 )
+from pollinate.server.rundir import BASE_DELTA_FILE
 
 __all__ = [
     "CausalLMWithCache",
@@ -280,21 +281,21 @@ def _apply_base_delta(base: nn.Module, path: Path) -> None:
         return
     from safetensors.torch import load_file
 
-    flat = load_file(str(path))
-    for key, tensor in flat.items():
-        name, part = key.rsplit(".", 1)
-        if part == "R":
-            continue  # used with its .L
-        delta = tensor if part == "D" else tensor @ flat[f"{name}.R"]  # (out, in)
+    from pollinate.aggregation import apply_delta, from_flat
+
+    delta = from_flat(load_file(str(path)))
+    weights: dict[str, torch.Tensor] = {}
+    for name, d in delta.items():
         try:
             module = base.get_submodule(name.removeprefix("base_model.model."))  # peft name -> base name
         except AttributeError:
             raise ValueError(f"{path}: {name} is not a module of the base model") from None
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
-        if tuple(weight.shape) != tuple(delta.shape):
-            raise ValueError(f"{path}: {name} has a delta of shape {tuple(delta.shape)}, the weight "
+        if tuple(weight.shape) != d.shape:
+            raise ValueError(f"{path}: {name} has a delta of shape {d.shape}, the weight "
                              f"{tuple(weight.shape)}")
-        weight.add_(delta.to(weight.dtype))
+        weights[name] = weight
+    apply_delta(weights, delta)
 
 
 def _seeded(name: str, task: str) -> bool:
@@ -309,7 +310,7 @@ def _load(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
     task, seed = cfg["task"], int(cfg.get("seed", 0))
     num_labels = _num_labels(adapter) if task == "classification" else 2
     base, tokenizer = models.load_model(cfg["model"], task, num_labels=num_labels, seed=seed)
-    _apply_base_delta(base, checkpoint.folder / adapters.BASE_DELTA_FILE)
+    _apply_base_delta(base, checkpoint.folder / BASE_DELTA_FILE)
     info = BaseModel(
         name=str(cfg["model"]), architecture=type(base).__name__,
         model_type=str(getattr(base.config, "model_type", "")),

@@ -21,7 +21,7 @@ from pollinate.config import RunConfig
 from pollinate.server.global_model import GlobalModel
 from pollinate.server.progress import RoundProgress
 from pollinate.server.report import write_report
-from pollinate.server.rundir import RunDir
+from pollinate.server.rundir import BASE_DELTA_FILE, RunDir
 from pollinate.strategies import LoraStrategy, build_strategy, wire
 
 PULL_INTERVAL = 0.1  # seconds between polls for replies
@@ -29,7 +29,6 @@ ROUND_TIMEOUT = 3600.0  # seconds a round waits for its replies
 # Relative difference of base fingerprints above which a client trained on another base. The server
 # and a client merge the same fp32 deltas; only thread-count-dependent summation order differs.
 FINGERPRINT_TOLERANCE = 1e-6
-BASE_DELTA_FILE = "base_delta.safetensors"
 
 
 @dataclass
@@ -40,6 +39,7 @@ class Totals:
     bytes_down: int = 0
     rounds: int = 0
     rejected: int = 0
+    failed: int = 0
     over_budget: int = 0
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -160,6 +160,7 @@ class Federation:
                          else "base still behind after catch-up"}
                 self.totals.rejected += 1
             self.run_dir.append_event(event)
+            self.totals.failed += event["event"] == "failed"
             if event["event"] == "client":
                 kept.append(reply)
                 accepted.append(event)
@@ -233,7 +234,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         "initial_eval": fed.totals.evals[0], "final_eval": fed.totals.evals[fed.totals.rounds],
         "bytes_up_total": fed.totals.bytes_up, "bytes_down_total": fed.totals.bytes_down,
         "rejected_updates": fed.totals.rejected, "over_budget_clients": fed.totals.over_budget,
-        "failed_clients": sum(1 for e in run_dir.events() if e["event"] == "failed"),
+        "failed_clients": fed.totals.failed,
         "wall_seconds": time.perf_counter() - start,
     }
     run_dir.write_json("summary.json", summary)

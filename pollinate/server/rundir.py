@@ -37,6 +37,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+BASE_DELTA_FILE = "base_delta.safetensors"
+"""A checkpoint's file of everything merged into the base weights so far (flora, fedex)."""
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
