@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import machine, save_result, table
+from common import machine, median_time, save_result, table
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -114,17 +113,6 @@ def floor(inputs: list[Any]) -> float:
     return total
 
 
-def timed(fn: Callable[[], Any], reps: int) -> float:
-    """Median wall seconds of ``reps`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def peak_extra(fn: Callable[[], Any]) -> tuple[int, Any]:
     """(peak bytes of tensors the call allocated on top of its inputs, its result)."""
     tracker = AllocationTracker()
@@ -166,11 +154,11 @@ def measure_k(k: int, shapes: dict[str, tuple[int, int]], reps: int) -> dict[str
         "flora": (lambda: stack(equal, weights), equal),
         "fedex": (lambda: fedex(equal, weights), equal),
     }
-    floors = {id(inp): timed(functools.partial(floor, inp), reps) for _, inp in rules.values()}
+    floors = {id(inp): median_time(functools.partial(floor, inp), reps) for _, inp in rules.values()}
     out: dict[str, Any] = {"k": k, "rules": {}}
     results: dict[str, Any] = {}
     for name, (fn, inp) in rules.items():
-        seconds = timed(fn, reps)
+        seconds = median_time(fn, reps)
         extra, results[name] = peak_extra(fn)
         in_bytes = BYTES * sum(t.numel() for t in tensors_of(inp))
         out["rules"][name] = {
@@ -210,7 +198,7 @@ def server_downlink(k: int, results: dict[str, Any], reps: int) -> dict[str, Any
     for name, cls, delta in classes:
         strategy = cls(rank=RANK, alpha=ALPHA, num_clients=k)
         strategy.history = [delta]
-        seconds = timed(functools.partial(strategy.build_base_record, 0), reps)
+        seconds = median_time(functools.partial(strategy.build_base_record, 0), reps)
         records = [strategy.base_record(0)[0] for _ in range(k)]  # what configure_train does for K nodes
         out[name] = {"build_seconds": seconds, "record_bytes": wire.wire_bytes(records[0]),
                      "distinct_records": len({id(r) for r in records})}

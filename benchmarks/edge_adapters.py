@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edge_common import emit, median_time, prompt_ids
+from common import median_time
+from edge_common import emit, prompt_ids
 
 
 def forward_times(bundle: Path, adapter: Path | None, threads: int, repeats: int) -> dict[str, Any]:
