@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a federation locally: the ServerApp and many ClientApps in Flower's "
                     "simulation engine. Keys are those of [tool.flwr.app.config] in pyproject.toml.")
     sim.add_argument("--config", type=Path, help="a TOML file of run-config keys")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one key, e.g. --set rounds=5 --set lora.rank=16")
+    sim.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                     help='override keys, e.g. --set rounds=5 lora.rank=16; quote a value with '
+                          'spaces: --set \'data.prompt-field="my prompt"\'')
     sim.add_argument("--run-dir", help="where the run folder goes (default runs/<run-id>)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)

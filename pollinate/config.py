@@ -17,75 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from pollinate.catalog import GENERATION, PARTITIONERS, TASKS, default_dataset
+from pollinate.methods.lora.settings import LoraSettings
+from pollinate.methods.lora_sb.settings import FedSbSettings
+from pollinate.methods.settings import AUTO, DEFAULT_TARGETS, fail, key, positive
 
 Scalar = bool | int | float | str
 
-AUTO = "auto"
-
-# LoRA targets chosen by `lora.targets = "auto"`: the attention projections of each family.
-DEFAULT_TARGETS = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "bert": ("query", "key", "value"),
-}
-
-
-def _key(name: str) -> dict[str, str]:
-    return {"key": name}
-
-
-def _fail(key: str, value: object, allowed: str) -> ValueError:
-    """The one-line error every bad configuration value raises."""
-    return ValueError(f"{key}: {value!r} is not allowed; {allowed}")
-
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise _fail(key, value, "it must be greater than 0")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters (https://arxiv.org/abs/2106.09685)."""
-
-    rank: int = field(default=8, metadata=_key("rank"))
-    """Rank r of every adapter (overridden per client by ``ranks``)."""
-    alpha: float = field(default=16.0, metadata=_key("alpha"))
-    """Scale numerator: ΔW = (alpha / r) · B A."""
-    targets: str = field(default=AUTO, metadata=_key("targets"))
-    """Comma-separated module names, or "auto" for the attention projections of the model family."""
-    ranks: str = field(default="", metadata=_key("ranks"))
-    """One rank per client, comma-separated (heterogeneous ranks); empty means ``rank`` everywhere."""
-    dropout: float = field(default=0.0, metadata=_key("dropout"))
-    """Dropout on the adapter input; 0 keeps training deterministic."""
-
-    def __post_init__(self) -> None:
-        _positive("lora.rank", self.rank)
-        _positive("lora.alpha", self.alpha)
-        if not 0.0 <= self.dropout < 1.0:
-            raise _fail("lora.dropout", self.dropout, "allowed: 0 <= dropout < 1")
-        for r in self.rank_list():
-            _positive("lora.ranks", r)
-
-    def rank_list(self) -> list[int]:
-        """The per-client ranks from ``ranks``, empty when every client uses ``rank``."""
-        try:
-            return [int(x) for x in self.ranks.split(",") if x.strip()]
-        except ValueError:
-            raise _fail("lora.ranks", self.ranks, "give integers separated by commas") from None
-
-    def rank_for(self, client: int) -> int:
-        """The rank of client ``client`` (0-based)."""
-        ranks = self.rank_list()
-        return ranks[client % len(ranks)] if ranks else self.rank
-
-    def target_list(self, family: str) -> list[str]:
-        """Module names to adapt in a model of ``family`` (``"llama"``, ``"bert"``, ...)."""
-        if self.targets != AUTO:
-            return [t.strip() for t in self.targets.split(",") if t.strip()]
-        if family not in DEFAULT_TARGETS:
-            allowed = ", ".join(DEFAULT_TARGETS)
-            raise _fail("lora.targets", AUTO, f"'auto' knows {allowed}; name the modules")
-        return list(DEFAULT_TARGETS[family])
+_key, _fail, _positive = key, fail, positive
 
 
 @dataclass(frozen=True)
@@ -154,6 +92,7 @@ class RunConfig:
     run_dir: str = field(default="", metadata=_key("run-dir"))
     """Where the run folder goes; empty means runs/<run-id>."""
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"table": "lora"})
+    fedsb: FedSbSettings = field(default_factory=FedSbSettings, metadata={"table": "fedsb"})
     data: DataFields = field(default_factory=DataFields, metadata={"table": "data"})
     memory: MemorySettings = field(default_factory=MemorySettings, metadata={"table": "memory"})
     sim: SimulationSettings = field(default_factory=SimulationSettings, metadata={"table": "sim"})
@@ -258,11 +197,29 @@ def _coerce(key: str, value: Any, kind: Any) -> Scalar:
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
-    """Parse ``key=value`` strings (``--set`` and ``--run-config``) into a dict."""
+    """Parse ``key=value`` items (``--set``) into a dict; a later key wins.
+
+    One item may hold several pairs separated by whitespace, as ``flwr run --run-config`` takes
+    them: ``"rounds=5 lr=1e-4"``. Quote a value that holds spaces: ``data.prompt-field="my
+    prompt"``. Backslashes stay as typed, so Windows paths work.
+    """
+    import shlex  # only here: splitting an item as a shell splits words
+
     out: dict[str, str] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set: {item!r} is not key=value")
-        out[key.strip()] = value.strip().strip('"')
+        lexer = shlex.shlex(item, posix=True)
+        lexer.whitespace_split = True
+        lexer.commenters = ""  # "#" is an ordinary character of a value
+        lexer.escape = ""  # keep backslashes: dataset=C:\data\chat.jsonl
+        try:
+            pairs = list(lexer)
+        except ValueError:  # shlex: "No closing quotation"
+            raise ValueError(f"--set: {item!r} has an unclosed quote; "
+                             'quote a value with spaces as key="a b"') from None
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            if not sep or not name.strip():
+                where = "" if pair == item else f" (in {item!r})"
+                raise ValueError(f"--set: {pair!r}{where} is not key=value")
+            out[name.strip()] = value.strip()
     return out

@@ -104,3 +104,23 @@ def greedy_generate(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: 
     out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                    max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
     return [int(t) for t in out[0, len(prompt_ids):]]
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on gradient checkpointing of a (peft-wrapped) transformers model, for a plan that asks.
+
+    Non-reentrant checkpointing of every layer; the embedding output requires grad so that gradients
+    reach the adapters of the first layer through the recomputed layers. The KV cache is switched off
+    (it is incompatible with checkpointing and useless in training).
+    """
+    get_base: Any = getattr(model, "get_base_model", None)
+    inner: Any = get_base() if callable(get_base) else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not getattr(inner, "_require_grads_hooks", None):  # transformers 5 enables it already
+        inner.enable_input_require_grads()
+    if getattr(inner, "config", None) is not None:
+        inner.config.use_cache = False

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from datasets import Dataset
-from peft import PeftModel
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pollinate import models
-from pollinate.adapters import LoraAdapter, LoraAdapterConfig
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, Fields, load_dataset, partition, split_heldout
 
@@ -35,10 +31,26 @@ def splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
 
 
 @functools.lru_cache(maxsize=4)
-def shares(cfg: RunConfig) -> list[Dataset]:
-    """Every client's share of the training pool, by the configured partitioner."""
+def pools(cfg: RunConfig, reserved: int = 0) -> tuple[Dataset, Dataset]:
+    """(the server's calibration slice of ``reserved`` examples, the rest of the training pool).
+
+    The slice is drawn with the run's seed; no client holds it and it is disjoint from the held-out split.
+    """
     train, _ = splits(cfg)
-    return partition(train, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha,
+    if reserved >= len(train):
+        raise ValueError(f"fedsb.init-examples: {reserved} is not allowed; the training pool has "
+                         f"{len(train)} examples and the clients need some: use fewer")
+    if reserved == 0:
+        return train.select([]), train
+    rest, calibration = split_heldout(train, reserved, cfg.seed + 1)  # its own draw, not the held-out one
+    return calibration, rest
+
+
+@functools.lru_cache(maxsize=4)
+def shares(cfg: RunConfig, reserved: int = 0) -> list[Dataset]:
+    """Every client's share of the training pool (less ``reserved`` calibration examples)."""
+    _, pool = pools(cfg, reserved)
+    return partition(pool, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha,
                      by=cfg.partition_by)
 
 
@@ -52,21 +64,6 @@ def num_labels(cfg: RunConfig) -> int:
 def base_model(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A fresh copy of the frozen base model and its tokenizer (identical in every process)."""
     return models.load_model(cfg.model, cfg.task, num_labels=max(num_labels(cfg), 2), seed=cfg.seed)
-
-
-def lora_adapter(cfg: RunConfig, model: nn.Module, rank: int) -> LoraAdapter:
-    """The LoRA method for ``model`` at ``rank``, targets resolved for the model's family."""
-    family = getattr(getattr(model, "config", None), "model_type", "")
-    return LoraAdapter(LoraAdapterConfig(
-        rank=rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.target_list(family)),
-        task=cfg.task, dropout=cfg.lora.dropout))
-
-
-def attach(cfg: RunConfig, adapter: LoraAdapter, model: nn.Module) -> PeftModel:
-    """``adapter`` on ``model`` with A drawn from the run's seed, identical on every node."""
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)  # peft draws A from the global RNG
-        return adapter.attach(model)
 
 
 def round_seed(cfg: RunConfig, server_round: int, client: int = -1) -> int:

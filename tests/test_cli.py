@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pollinate.cli import main
+from pollinate.cli import build_parser, main, resolve_config
 
 TINY = ["--set", "model=tiny-llama", "--set", "eval-examples=8"]
 
@@ -35,6 +35,11 @@ def _error(capsys: pytest.CaptureFixture[str], args: list[str], tmp_path: Path) 
     (["--set", "partitioner=iid", "--set", "num-clients=100000"], "num-clients"),
     (["--set", "lora.targets=not_a_module"], "lora.targets"),
     (["--set", "rounds"], "--set"),
+    (["--set", "rounds=2", "lr"], "--set"),  # several items after one flag
+    (["--set", "rounds=2 lr"], "--set"),  # several pairs in one string
+    (["--set", 'data.prompt-field="my prompt'], "--set"),  # an unclosed quote
+    (["--set", "rounds=2 partitioner=random"], "partitioner"),
+    (["--set", "rounds=2", "strategy=fedfoo"], "strategy"),
 ])
 def test_bad_configuration(args: list[str], key: str, capsys: pytest.CaptureFixture[str],
                            tmp_path: Path) -> None:
@@ -50,6 +55,31 @@ def test_missing_data_file_and_field(capsys: pytest.CaptureFixture[str], tmp_pat
                               for i in range(40)))
     line = _error(capsys, [*TINY, "--set", f"dataset={data}", "--set", "partitioner=iid"], tmp_path)
     assert "data.prompt-field" in line
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "is empty; it needs at least one example with columns prompt, response"),
+    (b"prompt,response\n", "has only a header row (prompt, response); it needs at least one"),
+    (b"prompt,response\nHi,Caf\xe9\n", "is not UTF-8 text (byte 0xe9 at position 22)"),
+])
+def test_empty_or_undecodable_data_file(content: bytes, problem: str,
+                                        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    data = tmp_path / "chat.csv"
+    data.write_bytes(content)
+    line = _error(capsys, [*TINY, "--set", f"dataset={data}"], tmp_path)
+    assert line.startswith(f"pollinate: error: dataset: {str(data)!r} {problem}"), line
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "rounds=3", "lora.rank=4", 'data.prompt-field="my prompt"'],
+    ["--set", "rounds=3", "--set", "lora.rank=4", "--set", 'data.prompt-field="my prompt"'],
+    ["--set", 'rounds=3 lora.rank=4 data.prompt-field="my prompt"'],
+    ["--set", "rounds=3 lora.rank=4", "--set", "data.prompt-field='my prompt'"],
+])
+def test_set_takes_several_assignments(args: list[str]) -> None:
+    cfg = resolve_config(None, build_parser().parse_args(["simulate", *args]).set, None)
+    assert (cfg.rounds, cfg.lora.rank, cfg.data.prompt) == (3, 4, "my prompt")
+    assert build_parser().parse_args(["simulate"]).set == []
 
 
 def test_the_real_command_prints_no_traceback(tmp_path: Path) -> None:

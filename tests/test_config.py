@@ -24,6 +24,38 @@ def test_round_trip_and_string_values_from_the_command_line() -> None:
     assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
 
 
+@pytest.mark.parametrize(("items", "expected"), [
+    (["rounds=5", "lr=3e-4"], {"rounds": "5", "lr": "3e-4"}),
+    (["rounds=5 lr=3e-4"], {"rounds": "5", "lr": "3e-4"}),  # one quoted string, several pairs
+    (["  rounds=5\tlr=3e-4  lora.rank=16 "], {"rounds": "5", "lr": "3e-4", "lora.rank": "16"}),
+    (["rounds=5 rounds=6", "rounds=7"], {"rounds": "7"}),  # a later key wins
+    (['data.prompt-field="my prompt" rounds=2'], {"data.prompt-field": "my prompt", "rounds": "2"}),
+    (["data.prompt-field='my prompt'"], {"data.prompt-field": "my prompt"}),
+    (['data.prompt-field="say \'hi\'"'], {"data.prompt-field": "say 'hi'"}),
+    (['data.prompt-field=""'], {"data.prompt-field": ""}),
+    (["dataset=C:\\data\\chat.jsonl"], {"dataset": "C:\\data\\chat.jsonl"}),  # backslashes kept
+    (["lora.targets=q_proj,v_proj#x"], {"lora.targets": "q_proj,v_proj#x"}),  # "#" is no comment
+    (["a=b=c"], {"a": "b=c"}),
+    (["", "  "], {}),
+])
+def test_assignments_split_like_run_config(items: list[str], expected: dict[str, str]) -> None:
+    assert parse_assignments(items) == expected
+
+
+@pytest.mark.parametrize(("items", "message"), [
+    (["rounds"], "--set: 'rounds' is not key=value"),
+    (["=5"], "--set: '=5' is not key=value"),
+    (["rounds=5 lr"], "--set: 'lr' (in 'rounds=5 lr') is not key=value"),
+    (["data.prompt-field=my prompt"], "--set: 'prompt' (in 'data.prompt-field=my prompt')"),
+    (['data.prompt-field="my prompt'], "--set: 'data.prompt-field=\"my prompt' has an unclosed"),
+    (["data.prompt-field=what's up"], "--set: \"data.prompt-field=what's up\" has an unclosed"),
+])
+def test_bad_assignment_names_the_item(items: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        parse_assignments(["rounds=1", *items])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(("values", "key"), [
     ({"rounds": 0}, "rounds"),
     ({"rounds": "two"}, "rounds"),

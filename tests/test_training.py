@@ -3,7 +3,7 @@
 import torch
 
 from pollinate import models
-from pollinate.adapters import LoraAdapter, LoraAdapterConfig
+from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
 from pollinate.data import encode_generation
 from pollinate.training import train_local
 

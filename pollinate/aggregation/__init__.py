@@ -12,7 +12,6 @@ from pollinate.aggregation.lowrank import (
     to_flat,
 )
 from pollinate.aggregation.padding import pad, pad_average, truncate
-from pollinate.aggregation.payload import payload_numbers
 from pollinate.aggregation.residual import fedex
 from pollinate.aggregation.stacking import stack
 
@@ -28,7 +27,6 @@ __all__ = [
     "normalised_weights",
     "pad",
     "pad_average",
-    "payload_numbers",
     "stack",
     "to_flat",
     "truncate",

@@ -1,196 +1,229 @@
-"""The ClientApp: trains the global adapter on this node's share and replies with the adapter only.
+"""The ClientApp: trains this node's share with the run's method and replies with what travels only.
 
 The run configuration arrives with every instruction (the server is its single source of truth); the
-node's identity comes from ``context.node_config`` (``partition-id``, ``num-partitions``). The base model
-is loaded once per process and reused across rounds and across the simulated clients that share a
-worker: this module is importable, so the cache survives between rounds.
+node's identity and budget come from ``context.node_config``. The app talks to the method only through
+the protocols of ``pollinate.methods.base``: it plans within the budget, builds (or reuses) the
+trainee, merges the updates it lacks, trains, and replies. Trainees and encoded shares live in one
+per-process :class:`ProcessState`, so they survive between rounds and across the simulated clients
+that share a worker (this module is importable).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
 
-from pollinate import workload
-from pollinate.adapters import LoraAdapter
-from pollinate.aggregation import apply_delta, fingerprint, from_flat
+from pollinate import protocol, workload
 from pollinate.client.budget import limit_heap_retention
 from pollinate.client.memory import peak_bytes, reset_peak
-from pollinate.client.planner import Estimate, Plan, enable_checkpointing
 from pollinate.client.profile import DeviceProfile, plan_for
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, encode_dataset
-from pollinate.strategies import strategy_class, wire
-from pollinate.training import evaluate, train_local
+from pollinate.methods.base import Example
+from pollinate.methods.plan import Estimate, Plan
+from pollinate.strategies import method_for
+from pollinate.training import evaluate
+
+if TYPE_CHECKING:
+    from pollinate.methods.base import Method, Trainee
 
 app = ClientApp()
 
 
+@dataclass(frozen=True)
+class TraineeKey:
+    """A trainee serves one run, one configuration and one plan: a base merged in one run must never
+    serve another."""
+
+    run: int
+    cfg: RunConfig
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class ShareKey:
+    """A client's encoded share: per configuration, partition, sequence cap and calibration slice."""
+
+    cfg: RunConfig
+    partition: int
+    seq_len: int
+    reserved: int
+
+
+V = TypeVar("V")
+
+
 @dataclass
-class _Adapted:
-    """A base model wrapped with one adapter, kept for the life of the process."""
+class ProcessState:
+    """What this process keeps between messages. On a budgeted node only one trainee and one share
+    stay, so a measured peak is one client's own; elsewhere this run's stay (no reload per rank)."""
 
-    model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
-    adapter: LoraAdapter
-    version: int = 0
-    """Rounds of base deltas merged into this model's frozen weights."""
+    trainees: dict[TraineeKey, Any] = field(default_factory=dict)
+    shares: dict[ShareKey, list[Example]] = field(default_factory=dict)
+    baseline: int | None = None
+    """Resident bytes of the runtime before any model was loaded."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def runtime_baseline(self, budgeted: bool) -> int:
+        """Measured once per process, before the first model."""
+        if self.baseline is None:
+            if budgeted:  # freed tensors leave at once, so a peak is one client's own
+                limit_heap_retention()  # ... at 35-46% more CPU a step: only for budgets
+            reset_peak()
+            self.baseline = peak_bytes()
+        return self.baseline
 
-_MODELS: dict[tuple[Any, ...], _Adapted] = {}
-_SHARES: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-_LOCK = threading.Lock()
-_BASELINE: list[int] = []  # resident bytes of the runtime before any model was loaded
+    def trainee(self, key: TraineeKey, build: Callable[[], Trainee], budgeted: bool) -> Trainee:
+        """The trainee for ``key``, built on first use (a new one starts at version 0)."""
+        with self.lock:
+            self.runtime_baseline(budgeted)
+            return _cached(self.trainees, key, build, lambda k: budgeted or k.run != key.run
+                           or k.cfg != key.cfg)
 
-
-def _adapted(cfg: RunConfig, plan: Plan, run_id: int, budgeted: bool) -> _Adapted:
-    """This process's model for ``plan``; on a budgeted node one at a time, so a measured peak is one
-    client's own (elsewhere every rank's model stays, so clients of mixed ranks never reload).
-
-    The run is part of the key: a base merged in one run must never serve another. A model loaded
-    anew starts at base version 0 and catches up through the server.
-    """
-    key = (run_id, cfg.model, cfg.task, cfg.seed, cfg.strategy, cfg.lora, plan.rank, plan.checkpointing)
-    with _LOCK:
-        if key not in _MODELS:
-            if not _BASELINE:  # once per process, before any model: the runtime's own footprint
-                if budgeted:  # freed tensors leave at once, so a peak is one client's own
-                    limit_heap_retention()  # ... at 35-46% more CPU a step: only for budgets
-                reset_peak()
-                _BASELINE.append(peak_bytes())
-            # budgeted: one model at a time; otherwise only this run's models (one per rank) stay
-            for stale in [k for k in _MODELS if budgeted or k[:-2] != key[:-2]]:
-                del _MODELS[stale]
-            model, tokenizer = workload.base_model(cfg)
-            adapter = workload.lora_adapter(cfg, model, plan.rank)
-            peft_model = workload.attach(cfg, adapter, model)
-            strategy_class(cfg.strategy).client_side.prepare(adapter, peft_model)
-            if plan.checkpointing:
-                enable_checkpointing(peft_model)
-            _MODELS[key] = _Adapted(peft_model, tokenizer, adapter)
-        return _MODELS[key]
+    def share(self, key: ShareKey, build: Callable[[], list[Example]], budgeted: bool) -> list[Example]:
+        """The encoded share for ``key``, encoded once per process and run."""
+        with self.lock:
+            return _cached(self.shares, key, build, lambda k: budgeted or k.cfg != key.cfg)
 
 
-def _share(cfg: RunConfig, partition_id: int, tokenizer: PreTrainedTokenizerBase,
-           seq_len: int, budgeted: bool) -> list[dict]:
-    """This client's tokenized share, encoded once per process and run (on a budgeted node only the
-    current client's is kept: the others would count in its peak)."""
-    key = (cfg, partition_id, seq_len)
-    with _LOCK:
-        if key not in _SHARES:
-            for stale in [k for k in _SHARES if budgeted or k[0] != cfg]:
-                del _SHARES[stale]
-            share = workload.shares(cfg)[partition_id]
-            _SHARES[key] = encode_dataset(share, tokenizer, cfg.task, seq_len)
-        return _SHARES[key]
+def _cached(cache: dict[Any, V], key: Any, build: Callable[[], V], stale: Callable[[Any], bool]) -> V:
+    if key not in cache:
+        for old in [k for k in cache if stale(k)]:
+            del cache[old]
+        cache[key] = build()
+    return cache[key]
 
 
-def _sync_base(node: _Adapted, msg: Message) -> bool:
-    """Merge the base deltas this process lacks; False when it holds a base older than they start from."""
-    config = wire.config_of(msg)
-    start, end = int(config.get(wire.BASE_FROM, 0)), int(config.get(wire.BASE_TO, 0))  # type: ignore[arg-type]
-    if node.version >= end:  # another client of this process merged them already
+STATE = ProcessState()
+
+
+def sync_updates(trainee: Trainee, method: Method, msg: Message) -> bool:
+    """Merge the updates this process lacks; False when it holds an older version than they start from."""
+    config = protocol.config_of(msg)
+    start, end = int(config.get(protocol.BASE_FROM, 0)), int(config.get(protocol.BASE_TO, 0))  # type: ignore[arg-type]
+    if trainee.version >= end:  # another client of this process merged them already
         return True
-    if node.version != start:  # a combined delta cannot be applied in part
+    if trainee.version != start:  # a combined update cannot be applied in part
         return False
-    apply_delta(node.adapter.base_weights(node.model), from_flat(wire.from_record(wire.base_of(msg))))
-    node.version = end
+    flat = protocol.from_record(protocol.base_of(msg))
+    trainee.merge(method.update_type.from_flat(flat, span=end - start))
     return True
 
 
 @dataclass(frozen=True)
 class _Ready:
-    """A handler's inputs once the node holds the server's base and the received adapter."""
+    """A handler's inputs once the node holds the server's version and the received state."""
 
     cfg: RunConfig
     seed: int
     profile: DeviceProfile
+    method: Method
     plan: Plan
     estimate: Estimate
-    node: _Adapted
-    examples: list[dict[str, Any]]
+    trainee: Trainee
+    examples: list[Example]
 
 
 def _prepare(msg: Message, context: Context) -> _Ready | Message:
-    """Plan within the budget, merge missing base deltas, load the received adapter; or the reply
-    that ends the instruction early (a refusal, or a request to catch up)."""
-    record = wire.config_of(msg)
-    cfg = RunConfig.from_run_config(wire.run_config_of(record))
+    """Plan within the budget, merge missing updates, load the received state; or the reply that ends
+    the instruction early (a refusal, or a request to catch up)."""
+    record = protocol.config_of(msg)
+    cfg = RunConfig.from_run_config(protocol.run_config_of(record))
     profile = DeviceProfile.of(context.node_config, cfg)
+    method = method_for(cfg)
     try:
-        plan, estimate = plan_for(cfg, profile)
+        plan, estimate = plan_for(method, profile)
     except ValueError as err:
         return _refuse(msg, str(err))
-    node = _adapted(cfg, plan, context.run_id, budgeted=profile.budget is not None)
-    if not _sync_base(node, msg):
-        return _reply(msg, {wire.CATCH_UP: 1, wire.BASE_VERSION: node.version})
-    seed = workload.round_seed(cfg, int(record[wire.ROUND]), profile.partition_id)  # type: ignore[arg-type]
-    strategy_class(cfg.strategy).client_side.receive(
-        node.adapter, node.model, wire.from_record(wire.arrays_of(msg)), seed=seed)
-    examples = _share(cfg, profile.partition_id, node.tokenizer, plan.seq_len, profile.budget is not None)
-    return _Ready(cfg, seed, profile, plan, estimate, node, examples)
+    budgeted = profile.budget is not None
+    trainee = STATE.trainee(TraineeKey(context.run_id, cfg, plan), lambda: method.client(plan), budgeted)
+    if not sync_updates(trainee, method, msg):
+        return _reply(msg, {protocol.CATCH_UP: 1, protocol.BASE_VERSION: trainee.version})
+    seed = workload.round_seed(cfg, int(record[protocol.ROUND]), profile.partition_id)  # type: ignore[arg-type]
+    if protocol.ARRAYS in msg.content.array_records:
+        trainee.load(protocol.from_record(protocol.arrays_of(msg)), seed=seed)
+    reserved = method.calibration_size()
+    key = ShareKey(cfg, profile.partition_id, plan.seq_len, reserved)
+    examples = STATE.share(key, lambda: encode_dataset(workload.shares(cfg, reserved)[profile.partition_id],
+                                                       trainee.tokenizer, cfg.task, plan.seq_len), budgeted)
+    return _Ready(cfg, seed, profile, method, plan, estimate, trainee, examples)
 
 
 def _refuse(msg: Message, reason: str) -> Message:
     """An error reply: the node stays up and the server records the reason."""
-    return Message(Error(code=wire.REFUSED, reason=reason), reply_to=msg)
+    return Message(Error(code=protocol.REFUSED, reason=reason), reply_to=msg)
 
 
 def _reply(msg: Message, metrics: dict[str, int | float], arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
+    content = RecordDict({protocol.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
     if arrays is not None:
-        content[wire.ARRAYS] = arrays
+        content[protocol.ARRAYS] = arrays
     return Message(content, reply_to=msg)
+
+
+def _bytes_down(msg: Message) -> int:
+    arrays = protocol.arrays_of(msg) if protocol.ARRAYS in msg.content.array_records else ArrayRecord()
+    return protocol.wire_bytes(arrays) + protocol.wire_bytes(protocol.base_of(msg))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received adapter for ``local-steps`` within the budget; reply with its new state."""
+    """Train the received state for ``local-steps`` within the budget; reply with what travels."""
     ready = _prepare(msg, context)
     if isinstance(ready, Message):
         return ready
-    cfg, plan, node = ready.cfg, ready.plan, ready.node
+    plan, trainee = ready.plan, ready.trainee
+    spec = ready.method.spec(plan)
     reset_peak()
-    result = train_local(node.model, ready.examples, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                         lr=cfg.lr, pad_id=node.tokenizer.pad_token_id, seed=ready.seed,
-                         micro_batch=plan.micro_batch)
-    process_peak = peak_bytes()
+    result = trainee.train(ready.examples, spec, seed=ready.seed)
+    process_peak, baseline = peak_bytes(), STATE.runtime_baseline(ready.profile.budget is not None)
     return _reply(msg, {
-        wire.NUM_EXAMPLES: len(ready.examples),
-        wire.RANK: plan.rank,
-        wire.MICRO_BATCH: plan.micro_batch,
-        wire.GRAD_ACCUM: plan.grad_accum,
-        wire.SEQ_LEN: plan.seq_len,
-        wire.CHECKPOINTING: int(plan.checkpointing),
-        wire.BUDGET: ready.profile.budget or 0,
-        wire.ESTIMATE: ready.estimate.total,
-        wire.EXAMPLES_SEEN: result.examples,
-        wire.TOKENS_SEEN: result.tokens,
-        wire.TRAIN_LOSS: result.loss,
-        wire.TRAIN_SECONDS: result.seconds,
-        wire.BYTES_DOWN: wire.wire_bytes(wire.arrays_of(msg)) + wire.wire_bytes(wire.base_of(msg)),
-        wire.PEAK_MEM: max(process_peak - _BASELINE[0], 0),
-        wire.PROCESS_PEAK: process_peak,
-        wire.RUNTIME_BASELINE: _BASELINE[0],
-        wire.BASE_VERSION: node.version,
-        wire.BASE_FINGERPRINT: fingerprint(node.adapter.base_weights(node.model)),
-    }, wire.to_record(node.adapter.trainable_state(node.model)))
+        protocol.NUM_EXAMPLES: len(ready.examples),
+        **protocol.plan_metrics(plan.fields()),
+        protocol.BUDGET: ready.profile.budget or 0,
+        protocol.ESTIMATE: ready.estimate.total,
+        protocol.EXAMPLES_SEEN: result.examples,
+        protocol.TOKENS_SEEN: result.tokens,
+        protocol.TRAIN_LOSS: result.loss,
+        protocol.TRAIN_SECONDS: result.seconds,
+        protocol.BYTES_DOWN: _bytes_down(msg),
+        protocol.PEAK_MEM: max(process_peak - baseline, 0),
+        protocol.PROCESS_PEAK: process_peak,
+        protocol.RUNTIME_BASELINE: baseline,
+        protocol.BASE_VERSION: trainee.version,
+        protocol.BASE_FINGERPRINT: trainee.fingerprint(),
+    }, protocol.to_record(trainee.upload()))
 
 
 @app.evaluate()
 def evaluate_share(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on this node's share (federated evaluation)."""
+    """Evaluate the received state on this node's share (federated evaluation)."""
     ready = _prepare(msg, context)
     if isinstance(ready, Message):
         return ready
-    scores = evaluate(ready.node.model, ready.examples, batch_size=ready.plan.micro_batch,
-                      pad_id=ready.node.tokenizer.pad_token_id,
+    scores = evaluate(ready.trainee.model, ready.examples, batch_size=ready.plan.micro_batch,
+                      pad_id=ready.trainee.tokenizer.pad_token_id,
                       classification=ready.cfg.task == CLASSIFICATION)
-    return _reply(msg, {wire.NUM_EXAMPLES: len(ready.examples), wire.EVAL_LOSS: scores["loss"],
-                        **({wire.ACCURACY: scores["accuracy"]} if "accuracy" in scores else {})})
+    return _reply(msg, {protocol.NUM_EXAMPLES: len(ready.examples), protocol.EVAL_LOSS: scores["loss"],
+                        **({protocol.ACCURACY: scores["accuracy"]} if "accuracy" in scores else {})})
+
+
+@app.query()
+def setup(msg: Message, context: Context) -> Message:
+    """A setup exchange before round 1: the method answers from this node's share (Fed-SB's
+    federated initialisation returns the gradient sum of the share once)."""
+    ready = _prepare(msg, context)
+    if isinstance(ready, Message):
+        return ready
+    answer = getattr(ready.method, "setup_reply", None)
+    if answer is None:
+        return _refuse(msg, f"strategy {ready.cfg.strategy!r} has no setup exchange")
+    request = str(protocol.config_of(msg).get(protocol.SETUP, ""))
+    tensors = answer(ready.trainee, ready.examples, request)
+    return _reply(msg, {protocol.NUM_EXAMPLES: len(ready.examples),
+                        protocol.BASE_VERSION: ready.trainee.version}, protocol.to_record(tensors))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -89,7 +90,8 @@ def load_dataset(name: str, task: str, fields: Fields = Fields()) -> datasets.Da
             f"dataset: {name!r} is not a built-in dataset or an existing .jsonl/.csv file; "
             f"built-ins: {', '.join(BUILTIN_DATASETS)}"
         )
-    rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
+    needed = (fields.prompt, fields.response) if task == GENERATION else (fields.text, fields.label)
+    rows = _read_local(path, needed)
     if task == GENERATION:
         return _local_generation(rows, fields, name)
     return _local_classification(rows, fields, name)
@@ -217,33 +219,73 @@ _BUILTIN_LOADERS: dict[str, Callable[[], dict[str, datasets.Dataset]]] = {
 # --------------------------------------------------------------------------- local files
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_local(path: Path, needed: tuple[str, str]) -> list[Row]:
+    """Rows of a local file; ValueError if it is not UTF-8 text or holds no example."""
+    text = _read_text(path)
+    wanted = f"it needs at least one example with columns {', '.join(needed)}"
+    if not text.strip():
+        raise ValueError(f"dataset: {str(path)!r} is empty; {wanted}")
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(io.StringIO(text, newline=None), path)  # \n, \r\n or \r
+    rows, header = _read_csv_lines(io.StringIO(text, newline=""), path)
+    if not rows:
+        raise ValueError(
+            f"dataset: {str(path)!r} has only a header row ({', '.join(header)}); {wanted}"
+        )
+    return rows
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text; ValueError naming the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"dataset: {str(path)!r} is not UTF-8 text "
+            f"(byte 0x{raw[err.start]:02x} at position {err.start}); save it as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")  # the byte-order mark some editors (Excel) write
+
+
+def _read_jsonl(lines: Iterable[str], path: Path) -> list[Row]:
     rows: list[Row] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"dataset: {str(path)!r} line {number} is not valid JSON ({err.msg}); "
-                    "allowed: one JSON object per line"
-                ) from None
-            if not isinstance(row, dict):
-                raise ValueError(
-                    f"dataset: {str(path)!r} line {number} is a {type(row).__name__}; "
-                    "allowed: one JSON object per line"
-                )
-            rows.append(row)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"dataset: {str(path)!r} line {number} is not valid JSON ({err.msg}); "
+                "allowed: one JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"dataset: {str(path)!r} line {number} is a {type(row).__name__}; "
+                "allowed: one JSON object per line"
+            )
+        rows.append(row)
     return rows
 
 
 def _read_csv(path: Path) -> list[Row]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return _read_csv_lines(handle, path)[0]
+
+
+def _read_csv_lines(lines: Iterable[str], path: Path) -> tuple[list[Row], list[str]]:
+    """Rows and header of CSV text."""
     # IMDB reviews can exceed csv's default 128 KiB field limit.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with path.open(encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
+    reader = csv.DictReader(lines)
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise ValueError(
+            f"dataset: {str(path)!r} line {reader.line_num} is not valid CSV ({err})"
+        ) from None
+    return rows, list(reader.fieldnames or [])
 
 
 def _column(rows: list[Row], column: str, key: str) -> list[Any]:

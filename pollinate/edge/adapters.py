@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 from pollinate.edge import manifest
 from pollinate.edge.bundle_pb2 import Adapter, AdapterMode, BaseModel, LoraInput
-from pollinate.server.rundir import BASE_DELTA_FILE
+from pollinate.files import MANIFEST_FILE
 
 __all__ = [
     "ADAPTER_MODES",
@@ -45,24 +45,27 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 ADAPTER_MODES: tuple[str, ...] = ("merged", "separate")
 """``merged``: merge_and_unload before export; ``separate``: LoRA weights as graph inputs + adapter files."""
 _CONFIG, _WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-"""Updates merged into the base weights during the federation, beside the adapter in a checkpoint:
-``<module>.D`` (dense ΔW, out x in) or ``<module>.L`` and ``<module>.R`` (ΔW = L R), by peft module name."""
+"""The peft LoRA view every method's checkpoint holds (LoRA-SB's with R folded into A)."""
 _ROUND = re.compile(r"round-(\d+)$")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint folder and the configuration of the run that wrote it."""
+    """A checkpoint folder, the configuration of the run that wrote it, and its method's export view."""
 
     folder: Path
     run_config: dict[str, Any]
     """The run's flat ``config.json`` (``model``, ``task``, ``seed``, ``lora.rank``, ...)."""
+    method: str = "lora"
+    """The method that wrote it, from its ``manifest.json``."""
+    base_delta: Path | None = None
+    """Updates merged into the base weights during the federation (``<module>.D``, or ``.L`` and ``.R``
+    with ΔW = L R, by peft module name), when the method merges any and some were merged."""
 
     @property
     def base_delta_sha256(self) -> str:
         """SHA-256 of the checkpoint's merged base updates, '' when it has none."""
-        path = self.folder / BASE_DELTA_FILE
-        return manifest.sha256_file(path) if path.is_file() else ""
+        return manifest.sha256_file(self.base_delta) if self.base_delta is not None else ""
 
     @property
     def round(self) -> int:
@@ -80,6 +83,9 @@ def resolve_checkpoint(source: Path) -> Checkpoint:
         A run folder holding ``LATEST`` and ``config.json``, or a checkpoint folder
         ``RUN/checkpoints/round-NNNN`` (then ``RUN/config.json`` names the base model).
 
+    A checkpoint is recognised by its ``manifest.json``, which names the method and how the export
+    reads it (the method's export view).
+
     Raises
     ------
     ValueError
@@ -89,11 +95,17 @@ def resolve_checkpoint(source: Path) -> Checkpoint:
     if (source / "LATEST").is_file():
         run = source
         folder = source / (source / "LATEST").read_text().strip()
-    elif (source / _CONFIG).is_file():
+    elif (source / MANIFEST_FILE).is_file():
         folder, run = source, source.parent.parent
     else:
         raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(source)!r} is neither a run folder (with LATEST) "
-                         f"nor a checkpoint folder (with {_CONFIG})")
+                         f"nor a checkpoint folder (with {MANIFEST_FILE})")
+    if not (folder / MANIFEST_FILE).is_file():
+        raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} has no {MANIFEST_FILE}: it is not a "
+                         "checkpoint pollinate wrote")
+    written = json.loads((folder / MANIFEST_FILE).read_text())
+    delta_name = (written.get("export") or {}).get("base_delta")
+    base_delta = folder / delta_name if delta_name and (folder / delta_name).is_file() else None
     if not (folder / _CONFIG).is_file() or not (folder / _WEIGHTS).is_file():
         raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} lacks {_CONFIG} or {_WEIGHTS}")
     config_path = run / "config.json"
@@ -104,7 +116,8 @@ def resolve_checkpoint(source: Path) -> Checkpoint:
     for key in ("model", "task"):
         if not isinstance(run_config.get(key), str):
             raise ValueError(f"{config_path}: has no {key!r}")
-    return Checkpoint(folder=folder.resolve(), run_config=run_config)
+    return Checkpoint(folder=folder.resolve(), run_config=run_config, method=str(written.get("method", "")),
+                      base_delta=base_delta.resolve() if base_delta else None)
 
 
 # --------------------------------------------------------------------------------------------------

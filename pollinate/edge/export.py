@@ -15,8 +15,8 @@ Two adapter modes:
     adapter file (:mod:`pollinate.edge.adapters`) that the runner activates. A new round ships only
     its adapter file (``pollinate export CHECKPOINT --adapter-for BUNDLE``).
 
-Updates a strategy merged into the base weights during the federation (the checkpoint's
-``base_delta.safetensors``) are applied to the base before anything else: they are part of the base
+Updates a strategy merged into the base weights during the federation (the file the checkpoint's
+``manifest.json`` names, from the method's export view) are applied to the base before anything else: they are part of the base
 that the bundle's identity (``weights_sha256``) and its adapters refer to.
 """
 
@@ -58,7 +58,6 @@ from pollinate.edge.bundle_pb2 import (
     Task,
     TokenizerInfo,
 )
-from pollinate.server.rundir import BASE_DELTA_FILE
 
 __all__ = [
     "CausalLMWithCache",
@@ -275,9 +274,9 @@ def _label_names(run_config: dict[str, Any], count: int) -> list[str]:
 
 
 @torch.no_grad()
-def _apply_base_delta(base: nn.Module, path: Path) -> None:
-    """W += ΔW for every module of a checkpoint's ``base_delta.safetensors`` (absent: nothing to do)."""
-    if not path.is_file():
+def _apply_base_delta(base: nn.Module, path: Path | None) -> None:
+    """W += ΔW for every module of a checkpoint's merged base updates (None: nothing to do)."""
+    if path is None:
         return
     from safetensors.torch import load_file
 
@@ -310,7 +309,7 @@ def _load(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
     task, seed = cfg["task"], int(cfg.get("seed", 0))
     num_labels = _num_labels(adapter) if task == "classification" else 2
     base, tokenizer = models.load_model(cfg["model"], task, num_labels=num_labels, seed=seed)
-    _apply_base_delta(base, checkpoint.folder / BASE_DELTA_FILE)
+    _apply_base_delta(base, checkpoint.base_delta)
     info = BaseModel(
         name=str(cfg["model"]), architecture=type(base).__name__,
         model_type=str(getattr(base.config, "model_type", "")),

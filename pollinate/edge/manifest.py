@@ -31,7 +31,7 @@ from pollinate.edge.bundle_pb2 import (
     FileDigest,
     SignedManifest,
 )
-from pollinate.server.rundir import sha256_file  # the run folder's file hash; stdlib only
+from pollinate.files import sha256_file  # the run folder's file hash; stdlib only
 
 __all__ = [
     "ADAPTER_PAYLOAD",

@@ -29,8 +29,7 @@ def new_run_id() -> str:
 
 def prepare(cfg: RunConfig) -> GlobalModel:
     """Check everything a run needs before any client trains; returns the global model."""
-    build_strategy(cfg)
-    return GlobalModel(cfg)
+    return GlobalModel(cfg, build_strategy(cfg).method)
 
 
 def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel | None = None

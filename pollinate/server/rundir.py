@@ -1,13 +1,13 @@
 """The run folder: config.json, metrics.jsonl, summary.json and atomically committed checkpoints.
 
-Layout (docs/design.md): ``config.json``, ``metrics.jsonl`` (one event per line), ``summary.json``,
-``checkpoints/round-NNNN/`` (the global adapter in peft format plus ``manifest.json``), ``LATEST`` (the
-name of the last committed round: writing it is the commit point), ``report.html`` and its plots.
+Layout (README, "The run folder"): ``config.json``, ``metrics.jsonl`` (one event per line),
+``summary.json``, ``checkpoints/round-NNNN/`` (the server trainee's files, the updates merged so far and
+``manifest.json`` naming the method), ``LATEST`` (the name of the last committed round: writing it is the
+commit point), ``report.html`` and its plots.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,39 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TMP_MARK = ".tmp."
+from pollinate.files import MANIFEST_FILE, TMP_MARK, atomic_write, fsync_dir, sha256_file
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old or the new content, never a mix."""
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-BASE_DELTA_FILE = "base_delta.safetensors"
-"""A checkpoint's file of everything merged into the base weights so far (flora, fedex)."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["RunDir", "atomic_write", "sha256_file"]
 
 
 class RunDir:
@@ -90,13 +60,13 @@ class RunDir:
         tmp.mkdir()
         write(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write(tmp / "manifest.json",
+        atomic_write(tmp / MANIFEST_FILE,
                      json.dumps({**manifest, "round": server_round, "files": files},
                                 indent=2, sort_keys=True).encode())
         if final.exists():  # committing a round again replaces it wholly
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.checkpoints)
+        fsync_dir(self.checkpoints)
         atomic_write(self.path / "LATEST", f"checkpoints/{name}\n".encode())
         return final
 

@@ -1,46 +1,51 @@
-"""Flower strategies, one per file and thin: each calls a pure rule in pollinate.aggregation."""
+"""Flower strategies, one per file and thin: each names its method and calls pure rules.
+
+The strategy a run configures determines its method; both apps build the method through
+:func:`method_for`, so a client always trains what the server aggregates.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pollinate.config import RunConfig
-from pollinate.strategies.base import ClientSide, LoraStrategy
+from pollinate.strategies.base import Aggregate, PollinateStrategy
 from pollinate.strategies.fedex import FedExLora
 from pollinate.strategies.fedit import FedIt
+from pollinate.strategies.fedsb import FedSb
 from pollinate.strategies.ffa import FfaLora
 from pollinate.strategies.flora import FLora
+from pollinate.strategies.lora import LoraStrategy
 from pollinate.strategies.zeropad import ZeroPad
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {
+if TYPE_CHECKING:
+    from pollinate.methods.base import Method
+
+STRATEGIES: dict[str, type[PollinateStrategy]] = {
     "fedit": FedIt, "ffa": FfaLora, "flora": FLora, "fedex": FedExLora, "zeropad": ZeroPad,
+    "fedsb": FedSb,
 }
 
 
-def strategy_class(name: str) -> type[LoraStrategy]:
+def strategy_class(name: str) -> type[PollinateStrategy]:
     """The strategy registered as ``name``."""
     if name not in STRATEGIES:
         raise ValueError(f"strategy: {name!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]
 
 
-def global_rank(cfg: RunConfig) -> int:
-    """The rank of the server's adapter: the largest client rank."""
-    return max(cfg.lora.rank_for(i) for i in range(cfg.num_clients))
+def method_for(cfg: RunConfig) -> Method:
+    """The method (with its variant) that the configured strategy trains."""
+    return strategy_class(cfg.strategy).build_method(cfg)
 
 
-def build_strategy(cfg: RunConfig) -> LoraStrategy:
-    """The configured strategy, sampling every client each round; checks the ranks fit the rule.
+def build_strategy(cfg: RunConfig) -> PollinateStrategy:
+    """The configured strategy, sampling every client each round; checks the configuration first.
 
     The server evaluates centrally on the held-out split; the round loop does not ask clients to.
     """
-    cls = strategy_class(cfg.strategy)
-    ranks = sorted({cfg.lora.rank_for(i) for i in range(cfg.num_clients)}, reverse=True)
-    if len(ranks) > 1 and not cls.heterogeneous_ranks:
-        exact = [n for n, c in STRATEGIES.items() if c.heterogeneous_ranks and n != "zeropad"]
-        raise ValueError(f"lora.ranks: {cfg.lora.ranks!r} gives clients different ranks, which strategy "
-                         f"{cfg.strategy!r} cannot aggregate; allowed: equal ranks, or strategy "
-                         f"{' or '.join(exact)} (exact) or zeropad (the inexact baseline)")
-    return cls(rank=global_rank(cfg), alpha=cfg.lora.alpha, num_clients=cfg.num_clients)
+    return strategy_class(cfg.strategy)(cfg)
 
 
-__all__ = ["STRATEGIES", "ClientSide", "FLora", "FedExLora", "FedIt", "FfaLora", "LoraStrategy",
-           "ZeroPad", "build_strategy", "global_rank", "strategy_class"]
+__all__ = ["STRATEGIES", "Aggregate", "FLora", "FedExLora", "FedIt", "FedSb", "FfaLora", "LoraStrategy",
+           "PollinateStrategy", "ZeroPad", "build_strategy", "method_for", "strategy_class"]

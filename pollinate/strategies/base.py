@@ -1,57 +1,34 @@
-"""What every pollinate LoRA strategy shares: the global adapter, the history of base deltas, and a
-downlink per node that carries exactly the base deltas that node still has to merge.
+"""What every pollinate strategy shares, whatever the method: sampling, the versioned downlink of the
+method's updates with catch-up, setup and teardown around the rounds, and reading replies into reports.
 
-A subclass only says how replies aggregate (:meth:`LoraStrategy.combine`) and how its clients behave
-(:attr:`LoraStrategy.client_side`). Base versions count merged rounds: version v means the deltas of
-rounds 1..v are in the base weights. Clients report the version they hold; a client whose process is
-behind what it was sent asks for a catch-up, and :meth:`LoraStrategy.catch_up` answers it.
+A subclass names its method (:attr:`PollinateStrategy.method_name`), may check the configuration
+(:meth:`check`), may run a setup exchange before round 1 (:meth:`setup`) and a :meth:`teardown`, and
+combines replies (:meth:`combine`). Versions count merged updates: version v means the first v updates
+of :attr:`history` are folded into a node's frozen part. Clients report the version they hold; a
+process that is behind what it was sent asks for a catch-up, and :meth:`catch_up` answers it with the
+updates since its version, combined into one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from torch import nn
 
-from pollinate.adapters import LoraAdapter
-from pollinate.aggregation import BaseDelta, LoraFactors, combine, to_flat, truncate
-from pollinate.strategies import wire
+from pollinate import methods, protocol
+from pollinate.config import RunConfig
+from pollinate.protocol import ClientReport
 
+if TYPE_CHECKING:
+    from pollinate.methods.base import Method, Trainee, Update
 
-@dataclass(frozen=True)
-class ClientSide:
-    """How a strategy's clients treat the adapter they receive."""
-
-    freeze_a: bool = False
-    """A is drawn from the run's seed and never trained or sent (FFA-LoRA)."""
-    fresh_adapter: bool = False
-    """Every round starts from B = 0 (the previous round was merged into the base: FLoRA)."""
-    truncate: bool = False
-    """The global adapter has the largest rank; each client keeps its first r_k components."""
-
-    def prepare(self, adapter: LoraAdapter, model: nn.Module) -> None:
-        """Set up a freshly attached adapter for this strategy."""
-        if self.freeze_a:
-            adapter.freeze_a(model)
-
-    def receive(self, adapter: LoraAdapter, model: nn.Module, state: Mapping[str, torch.Tensor],
-                seed: int) -> None:
-        """Load a downlinked global adapter state the way this strategy's clients do."""
-        if self.fresh_adapter:  # only a trained head travels; the factors restart from B = 0
-            adapter.reset(model, seed)
-            head = LoraFactors.from_state(adapter.trainable_state(model), adapter.config.alpha).extra
-            adapter.load_state(model, state, keys=head)
-            return
-        if self.truncate:
-            rank, alpha = adapter.config.rank, adapter.config.alpha
-            state = truncate(LoraFactors.from_state(state, alpha), rank, alpha / rank).to_state()
-        adapter.load_state(model, state)
+Exchange = Callable[[list[Message]], list[Message]]
+"""Push messages to nodes and return their replies (the loop's, with its deadline and progress)."""
 
 
 @dataclass
@@ -59,40 +36,67 @@ class Aggregate:
     """What one round's replies combine into."""
 
     state: dict[str, torch.Tensor]
-    """The next global adapter state to send (only the head when clients start fresh)."""
-    base_delta: BaseDelta | None = None
-    """What is merged into the base weights this round, if anything."""
+    """The next global state to send (LoRA: the adapter, or only a head when clients start fresh)."""
+    update: Update | None = None
+    """What every node merges into its frozen part this round, if anything."""
 
 
-class LoraStrategy(FedAvg):
-    """Base of every pollinate strategy; subclasses implement :meth:`combine`."""
+class PollinateStrategy(FedAvg):
+    """Base of every pollinate strategy; subclasses name a method and implement :meth:`combine`."""
 
-    client_side: ClassVar[ClientSide] = ClientSide()
-    heterogeneous_ranks: ClassVar[bool] = False
-    """Whether the rule is defined for clients of different ranks."""
+    method_name: ClassVar[str]
+    """The registered method this strategy trains (``pollinate.methods``)."""
 
-    def __init__(self, *, rank: int, alpha: float, num_clients: int) -> None:
-        super().__init__(fraction_train=1.0, min_train_nodes=num_clients,
-                         min_available_nodes=num_clients)  # nodes register lazily: wait for all
-        self.rank, self.alpha = rank, alpha  # the global adapter's rank (the largest client rank)
-        self.history: list[BaseDelta] = []  # history[v - 1]: the delta of round v
+    def __init__(self, cfg: RunConfig) -> None:
+        self.check(cfg)
+        super().__init__(fraction_train=1.0, min_train_nodes=cfg.num_clients,
+                         min_available_nodes=cfg.num_clients)  # nodes register lazily: wait for all
+        self.cfg = cfg
+        self.method: Method = self.build_method(cfg)
+        self.history: list[Update] = []  # history[v - 1]: update v
         self.node_versions: dict[int, int] = {}
-        self.last_delta: BaseDelta | None = None
         self._records: dict[tuple[int, int], ArrayRecord] = {}  # (since, version) -> the downlink
+
+    @classmethod
+    def build_method(cls, cfg: RunConfig) -> Method:
+        """This strategy's method for ``cfg`` (a variant is passed in by overriding this)."""
+        return methods.build(cls.method_name, cfg)
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Raise a one-line ValueError for a configuration this strategy cannot run."""
 
     @property
     def version(self) -> int:
-        """Rounds merged into the server's base weights."""
+        """Updates merged into the server's frozen part."""
         return len(self.history)
 
-    def combine(self, clients: Sequence[LoraFactors], weights: Sequence[float]) -> Aggregate:
-        """The rule: replies (grouped per module) and their weights -> the round's aggregate."""
+    def combine(self, reports: Sequence[ClientReport]) -> Aggregate:
+        """The rule: the round's accepted reports -> the next global state and update."""
         raise NotImplementedError
+
+    # -- around the rounds ------------------------------------------------------------------------
+
+    def setup(self, server: Trainee, exchange: Exchange, grid: Grid, config: ConfigRecord) -> None:
+        """Before round 1: anything the method needs first (default: nothing)."""
+
+    def teardown(self) -> None:
+        """After the last round (or a failure): release what :meth:`setup` started."""
+
+    def commit(self, update: Update) -> None:
+        """Append ``update`` to the history every node catches up from."""
+        self.history.append(update)
+
+    def merged_updates(self) -> dict[str, torch.Tensor] | None:
+        """Every update so far as one (what a checkpoint keeps), or None before the first."""
+        if not self.history:
+            return None
+        return self.method.update_type.combine(self.history).to_flat()
 
     # -- downlink ---------------------------------------------------------------------------------
 
     def base_record(self, since: int) -> tuple[ArrayRecord, int]:
-        """The deltas of rounds since+1..version (combined, factored or dense) and ``since``.
+        """The updates since+1..version (combined) and ``since``.
 
         Built once per (since, version) and shared by every node at that version, so K nodes cost one
         record in time and memory, not K; records of older versions are dropped.
@@ -107,51 +111,65 @@ class LoraStrategy(FedAvg):
         return self._records[key], since
 
     def build_base_record(self, since: int) -> ArrayRecord:
-        """The record of the deltas since ``since`` (< version), built afresh."""
-        return wire.to_record(to_flat(combine(self.history[since:])))
+        """The record of the updates since ``since`` (< version), built afresh."""
+        return protocol.to_record(self.method.update_type.combine(self.history[since:]).to_flat())
 
-    def node_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord,
-                     since: int) -> Message:
-        """The training instruction for one node, with the base deltas it lacks."""
+    def node_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord, since: int,
+                     message_type: str = "train") -> Message:
+        """An instruction for one node, with the updates it lacks."""
         base, since = self.base_record(since)
         record = RecordDict({
-            wire.ARRAYS: arrays, wire.BASE: base,
-            wire.CONFIG: ConfigRecord({**config, wire.BASE_FROM: since, wire.BASE_TO: self.version}),
+            protocol.ARRAYS: arrays, protocol.BASE: base,
+            protocol.CONFIG: ConfigRecord({**config, protocol.BASE_FROM: since,
+                                           protocol.BASE_TO: self.version}),
         })
-        return Message(content=record, message_type="train", dst_node_id=node_id)
+        return Message(content=record, message_type=message_type, dst_node_id=node_id)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Flower's sampling, then one message per node carrying the deltas it still needs."""
+        """Flower's sampling, then one message per node carrying the updates it still needs."""
         sampled = super().configure_train(server_round, arrays, config, grid)
         return [self.node_message(m.metadata.dst_node_id, arrays, config,
                                   self.node_versions.get(m.metadata.dst_node_id, 0)) for m in sampled]
 
-    def catch_up(self, reply: Message, arrays: ArrayRecord, config: ConfigRecord) -> Message:
-        """Answer a node whose process holds an older base than it was sent: resend from there."""
-        held = int(wire.metric(wire.metrics_of(reply), wire.BASE_VERSION))
-        return self.node_message(reply.metadata.src_node_id, arrays, config, held)
+    def catch_up(self, reply: Message, arrays: ArrayRecord, config: ConfigRecord,
+                 message_type: str = "train") -> Message:
+        """Answer a node whose process holds an older version than it was sent: resend from there."""
+        held = int(protocol.metric(protocol.metrics_of(reply), protocol.BASE_VERSION))
+        return self.node_message(reply.metadata.src_node_id, arrays, config, held, message_type)
 
     # -- uplink -----------------------------------------------------------------------------------
 
+    def aggregate(self, reports: Sequence[ClientReport]) -> tuple[Aggregate, MetricRecord] | None:
+        """Combine accepted reports; remember each node's version; append the round's update."""
+        if not reports:
+            return None
+        for r in reports:  # the version each node's process now holds
+            self.node_versions[r.node] = r.version
+        result = self.combine(reports)
+        if result.update is not None:
+            self.commit(result.update)
+        weights = [r.examples for r in reports]
+        loss = sum(w * r.loss for w, r in zip(weights, reports, strict=True)) / sum(weights)
+        return result, MetricRecord({protocol.TRAIN_LOSS: loss, protocol.NUM_EXAMPLES: int(sum(weights))})
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Combine the good replies; remember each node's base version; record the round's delta."""
-        good = [m for m in replies if not m.has_error()]
-        self.last_delta = None
-        if not good:
+        """Flower's entry point: read the good replies into reports and :meth:`aggregate` them."""
+        done = self.aggregate([ClientReport.of(m) for m in replies if not m.has_error()])
+        if done is None:
             return None, None
-        for m in good:  # the base version each node's process now holds
-            self.node_versions[m.metadata.src_node_id] = int(
-                wire.metric(wire.metrics_of(m), wire.BASE_VERSION))
-        weights = [wire.metric(wire.metrics_of(m), wire.NUM_EXAMPLES) for m in good]
-        clients = [LoraFactors.from_state(wire.from_record(wire.arrays_of(m)), self.alpha)
-                   for m in good]
-        result = self.combine(clients, weights)
-        if result.base_delta is not None:
-            self.history.append(result.base_delta)
-            self.last_delta = result.base_delta
-        losses = [wire.metric(wire.metrics_of(m), wire.TRAIN_LOSS) for m in good]
-        loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
-        return wire.to_record(result.state), MetricRecord({wire.TRAIN_LOSS: loss,
-                                                    wire.NUM_EXAMPLES: int(sum(weights))})
+        return protocol.to_record(done[0].state), done[1]
+
+
+def weights_of(reports: Sequence[ClientReport]) -> list[float]:
+    """Each report's weight: its examples."""
+    return [float(r.examples) for r in reports]
+
+
+def uploads(reports: Sequence[ClientReport]) -> list[Mapping[str, torch.Tensor]]:
+    """Each report's uploaded tensors."""
+    return [r.upload for r in reports]
+
+
+__all__ = ["Aggregate", "Exchange", "PollinateStrategy", "uploads", "weights_of"]

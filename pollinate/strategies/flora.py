@@ -2,6 +2,8 @@
 
 The stacked product Σ p_k s_k B_k A_k is merged into the base weights every round; clients merge the same
 stacked factors (the downlink) and start the next round from a fresh adapter (B = 0).
+Bytes per client per round and target matrix m×n: up r_k(m + n); down Σ_j r_j (m + n), the previous
+round's stacked factors (nothing in round 1).
 """
 
 from __future__ import annotations
@@ -9,16 +11,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pollinate.aggregation import LoraFactors, stack, weighted_average
-from pollinate.strategies.base import Aggregate, ClientSide, LoraStrategy
+from pollinate.methods.lora.update import LowRankUpdate
+from pollinate.methods.lora.variants import FreshAdapter
+from pollinate.strategies.base import Aggregate
+from pollinate.strategies.lora import LoraStrategy
 
 
 class FLora(LoraStrategy):
     """Stack, merge into the base, restart adapters from zero."""
 
-    client_side = ClientSide(fresh_adapter=True)
-    heterogeneous_ranks = True
+    variant = FreshAdapter()
 
-    def combine(self, clients: Sequence[LoraFactors], weights: Sequence[float]) -> Aggregate:
+    def combine_factors(self, clients: Sequence[LoraFactors], weights: Sequence[float]) -> Aggregate:
         """The stacked delta; only a trained head (if any) remains as adapter state."""
         return Aggregate(state=weighted_average([c.extra for c in clients], weights),
-                         base_delta=stack(clients, weights))
+                         update=LowRankUpdate(stack(clients, weights)))
+
+    @classmethod
+    def payload_numbers(cls, shapes: Sequence[tuple[int, int]], rank: int, ranks: Sequence[int],
+                        first_round: bool) -> tuple[int, int]:
+        """Up r_k(m + n); down the stacked factors of every client's rank."""
+        up = sum(rank * (m + n) for m, n in shapes)
+        return up, 0 if first_round else sum(sum(ranks) * (m + n) for m, n in shapes)

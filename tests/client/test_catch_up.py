@@ -1,26 +1,27 @@
-"""A client process that missed rounds catches up exactly: the server sends the base deltas from the
+"""A client process that missed rounds catches up exactly: the server sends the updates from the
 version the process reports, combined (factored or dense, whichever is smaller)."""
 
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from pollinate import workload
-from pollinate.aggregation import LoraFactors, apply_delta, stack
-from pollinate.client.app import _Adapted, _sync_base
+from pollinate import protocol as wire
+from pollinate.aggregation import LoraFactors, stack
+from pollinate.client.app import sync_updates
 from pollinate.config import RunConfig
-from pollinate.strategies import build_strategy, wire
+from pollinate.methods.lora.method import LoraTrainee
+from pollinate.methods.lora.update import LowRankUpdate
+from pollinate.methods.lora.variants import FreshAdapter
+from pollinate.strategies import build_strategy
 
 CFG = RunConfig.from_run_config({"model": "tiny-llama", "strategy": "flora", "num-clients": 2,
                                  "lora.ranks": "4,2", "eval-examples": 8})
 
 
-def _node() -> _Adapted:
-    model, tokenizer = workload.base_model(CFG)
-    adapter = workload.lora_adapter(CFG, model, 4)
-    return _Adapted(workload.attach(CFG, adapter, model), tokenizer, adapter)
+def _node() -> LoraTrainee:
+    return LoraTrainee(CFG, 4, FreshAdapter())
 
 
-def _round_delta(node: _Adapted, seed: int) -> dict:
+def _round_update(node: LoraTrainee, seed: int) -> LowRankUpdate:
     gen = torch.Generator().manual_seed(seed)
     clients = []
     for rank in (4, 2):
@@ -30,25 +31,25 @@ def _round_delta(node: _Adapted, seed: int) -> dict:
             state[f"{name}.lora_A.weight"] = 0.03 * torch.randn(rank, w.shape[1], generator=gen)
             state[f"{name}.lora_B.weight"] = 0.01 * torch.randn(w.shape[0], rank, generator=gen)
         clients.append(LoraFactors.from_state(state, alpha=16.0))
-    return stack(clients, [3.0, 1.0])
+    return LowRankUpdate(stack(clients, [3.0, 1.0]))
 
 
 def test_a_stale_process_asks_and_then_matches_the_server(flower_task: None) -> None:
     server, client = _node(), _node()
     strategy = build_strategy(CFG)
     for seed in (1, 2, 3):  # three rounds merged on the server while the client was away
-        delta = _round_delta(server, seed)
-        strategy.history.append(delta)
-        apply_delta(server.adapter.base_weights(server.model), delta)
+        update = _round_update(server, seed)
+        strategy.commit(update)
+        server.merge(update)
     config = ConfigRecord({**CFG.to_run_config(), wire.ROUND: 4})
     stale = strategy.node_message(7, wire.to_record({}), config, since=2)  # the server believed v2
-    assert not _sync_base(client, stale)  # a combined delta from v2 cannot apply to a v0 base
+    assert not sync_updates(client, strategy.method, stale)  # a combined update from v2 cannot apply to v0
     ask = Message(RecordDict({wire.METRICS: MetricRecord({wire.CATCH_UP: 1, wire.BASE_VERSION: 0})}),
                   reply_to=stale)
-    assert _sync_base(client, strategy.catch_up(ask, wire.to_record({}), config))
+    assert sync_updates(client, strategy.method, strategy.catch_up(ask, wire.to_record({}), config))
     assert client.version == 3
     for name, w in server.adapter.base_weights(server.model).items():
         assert float((client.adapter.base_weights(client.model)[name] - w).abs().max()) <= 1e-6
     # Another client of the same process then gets the v3 message: nothing is merged twice.
     again = strategy.node_message(8, wire.to_record({}), config, since=0)
-    assert _sync_base(client, again) and client.version == 3
+    assert sync_updates(client, strategy.method, again) and client.version == 3

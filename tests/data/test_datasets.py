@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -196,6 +197,62 @@ def test_file_without_usable_rows(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": " ", "response": "r"}])
     with pytest.raises(ValueError, match=r"^dataset: .*no row"):
         load_dataset(path, GENERATION)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "task", "fields", "problem"),
+    [
+        ("x.jsonl", b"", GENERATION, Fields(), "is empty"),
+        ("x.csv", b"", GENERATION, Fields(), "is empty"),
+        ("x.jsonl", b"  \n\n\t\r\n", GENERATION, Fields(), "is empty"),
+        ("x.csv", b" \n \n", GENERATION, Fields(), "is empty"),
+        ("x.csv", b"\xef\xbb\xbf\n", GENERATION, Fields(), "is empty"),  # only a byte-order mark
+        ("x.csv", b"body,y\n", CLASSIFICATION, Fields(text="body", label="y"),
+         "has only a header row (body, y)"),
+        ("x.csv", b"question,answer\r\n\r\n", GENERATION, Fields(prompt="q", response="a"),
+         "has only a header row (question, answer)"),
+    ],
+)
+def test_empty_file_names_the_columns_it_needs(
+    tmp_path: Path, file: str, content: bytes, task: str, fields: Fields, problem: str
+) -> None:
+    path = tmp_path / file
+    path.write_bytes(content)
+    needed = (
+        f"{fields.prompt}, {fields.response}" if task == GENERATION else f"{fields.text}, {fields.label}"
+    )
+    message = rf"{problem}; it needs at least one example with columns {needed}"
+    with pytest.raises(ValueError, match=rf"^dataset: {re.escape(repr(str(path)))} {re.escape(message)}$"):
+        load_dataset(str(path), task, fields)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "byte", "position"),
+    [
+        ("x.jsonl", '{"prompt": "Café", "response": "r"}\n'.encode("latin-1"), 0xE9, 15),
+        ("x.csv", b"prompt,response\nHi,\xf4\n", 0xF4, 19),
+        ("x.csv", "prompt,response\nHi,there\n".encode("utf-16"), 0xFF, 0),  # Excel "Unicode text"
+        ("x.jsonl", b'{"prompt": "caf\xc3', 0xC3, 15),  # truncated in the middle of a character
+    ],
+)
+def test_file_that_is_not_utf8(
+    tmp_path: Path, file: str, content: bytes, byte: int, position: int
+) -> None:
+    path = tmp_path / file
+    path.write_bytes(content)
+    message = f"is not UTF-8 text (byte 0x{byte:02x} at position {position}); save it as UTF-8"
+    with pytest.raises(ValueError, match=rf"^dataset: {re.escape(repr(str(path)))} {re.escape(message)}$"):
+        load_dataset(str(path), GENERATION)
+
+
+def test_utf8_with_byte_order_mark_and_windows_line_ends(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_bytes("prompt,response\r\nHi?,Héllo.\r\n".encode("utf-8-sig"))
+    assert load_dataset(str(path), GENERATION)[0] == {"prompt": "Hi?", "response": "Héllo.", "category": ""}
+    path = tmp_path / "x.jsonl"
+    # A raw U+2028 inside a JSON string is valid JSON and no line end.
+    path.write_bytes('\ufeff{"prompt": "p", "response": "r\u2028s"}\r\n\r\n'.encode())
+    assert load_dataset(str(path), GENERATION)["response"] == ["r\u2028s"]
 
 
 def test_bad_jsonl_line(tmp_path: Path) -> None:

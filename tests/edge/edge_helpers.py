@@ -40,7 +40,9 @@ def make_run(run: Path, *, model: str = "tiny-llama", task: str = "generation", 
     checkpoint = run / "checkpoints" / f"round-{round_:04d}"
     peft_model.save_pretrained(str(checkpoint))
     if base_delta is not None:  # what a strategy merged into the base during the federation
-        save_file(base_delta, str(checkpoint / "base_delta.safetensors"))
+        save_file(base_delta, str(checkpoint / "updates.safetensors"))
+    (checkpoint / "manifest.json").write_text(json.dumps(  # as the server writes it: the method's view
+        {"method": "lora", "round": round_, "export": {"base_delta": "updates.safetensors"}}))
     run_config = {"model": model, "task": task, "seed": seed, "lora.rank": rank, "lora.alpha": alpha,
                   "dataset": dataset}
     (run / "config.json").write_text(json.dumps(run_config))
@@ -62,7 +64,7 @@ def load_reference(checkpoint: Path, *, model: str = "tiny-llama", task: str = "
     from peft import PeftModel
 
     base, _ = load_model(model, task, num_labels=num_labels, seed=seed)
-    delta_file = checkpoint / "base_delta.safetensors"
+    delta_file = checkpoint / "updates.safetensors"
     if delta_file.is_file():  # W += D, or W += L R, per module
         flat = load_file(str(delta_file))
         with torch.no_grad():

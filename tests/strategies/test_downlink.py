@@ -3,16 +3,19 @@
 import torch
 
 from pollinate.aggregation import Delta
+from pollinate.methods.lora.update import LowRankUpdate
+from pollinate import protocol as wire
 from pollinate.config import RunConfig
-from pollinate.strategies import build_strategy, wire
+from pollinate.strategies import build_strategy
 
 CFG = RunConfig.from_run_config({"model": "tiny-llama", "strategy": "flora", "num-clients": 3,
                                  "lora.ranks": "4,2,2"})
 
 
-def _delta(seed: int) -> dict[str, Delta]:
+def _delta(seed: int) -> LowRankUpdate:
     gen = torch.Generator().manual_seed(seed)
-    return {"m": Delta(left=torch.randn(6, 2, generator=gen), right=torch.randn(2, 5, generator=gen))}
+    return LowRankUpdate({"m": Delta(left=torch.randn(6, 2, generator=gen),
+                                     right=torch.randn(2, 5, generator=gen))})
 
 
 def test_nodes_at_one_version_share_one_record_and_old_versions_are_dropped() -> None:

@@ -4,8 +4,9 @@ import pytest
 import torch
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
+from pollinate import protocol as wire
 from pollinate.config import RunConfig
-from pollinate.strategies import FedIt, build_strategy, wire
+from pollinate.strategies import FedIt, build_strategy
 
 CFG = RunConfig.from_run_config({"model": "tiny-llama", "num-clients": 3})
 

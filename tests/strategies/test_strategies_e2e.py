@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from pollinate import models
-from pollinate.aggregation import LoraFactors, from_flat, normalised_weights, payload_numbers
+from pollinate.aggregation import LoraFactors, from_flat, normalised_weights
+from pollinate.strategies import strategy_class
 from pollinate.cli import main
 
 ALPHA = 16.0
@@ -39,7 +40,7 @@ def _base(path: Path, server_round: int) -> dict[str, torch.Tensor]:
     model, _ = models.load_model("tiny-llama", "generation", seed=0)
     weights = {f"base_model.model.{n[: -len('.weight')]}": p.detach().clone()
                for n, p in model.named_parameters() if n.endswith("_proj.weight")}
-    delta_file = path / f"checkpoints/round-{server_round:04d}/base_delta.safetensors"
+    delta_file = path / f"checkpoints/round-{server_round:04d}/updates.safetensors"
     if server_round > 0 and delta_file.exists():
         for name, d in from_flat(load_file(str(delta_file))).items():
             weights[name] += d.matrix()
@@ -110,7 +111,7 @@ def test_bytes_match_the_formulas(run: tuple[str, Path]) -> None:
     ranks = [int(x) for x in RANKS[strategy].split(",")]
     arrays_up = len(shapes) * (1 if strategy == "ffa" else 2)
     for e in (e for e in _events(path) if e["event"] == "client"):
-        up, down = payload_numbers(strategy, shapes, e["rank"], ranks, first_round=e["round"] == 1)
+        up, down = strategy_class(strategy).payload_numbers(shapes, e["rank"], ranks, first_round=e["round"] == 1)
         assert 4 * up <= e["bytes_up"] <= 4 * up + HEADER * arrays_up, (strategy, e)
         assert e["bytes_down"] <= 4 * down + HEADER * 4 * len(shapes), (strategy, e)  # ≤ A, B, L, R
         if e["round"] > 1:  # round 1 sends all-zero B's, which Flower's content addressing sends once

@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from pollinate.adapters.base import State, register
+State = dict[str, torch.Tensor]
 
 ADAPTER_NAME = "default"
 _TASK_TYPES = {"generation": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS}
@@ -48,11 +48,8 @@ class LoraAdapterConfig:
         )
 
 
-@register("lora")
 class LoraAdapter:
-    """The LoRA adapter method (:class:`~pollinate.adapters.base.AdapterMethod`)."""
-
-    name = "lora"
+    """peft's LoRA on a model, with what a federation needs around it."""
 
     def __init__(self, config: LoraAdapterConfig) -> None:
         self.config = config

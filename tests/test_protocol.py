@@ -2,7 +2,7 @@
 
 import torch
 
-from pollinate.strategies import wire
+from pollinate import protocol as wire
 
 
 def test_state_round_trip_keeps_keys_order_and_values() -> None:

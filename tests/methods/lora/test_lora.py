@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from pollinate import models
-from pollinate.adapters import LoraAdapter, LoraAdapterConfig, method_class, methods
+from pollinate.methods import method_class, names, register
+from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
+from pollinate.methods.lora.method import LoraMethod
 
 CONFIG = LoraAdapterConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), task="generation")
 
@@ -80,9 +82,11 @@ def test_targets_that_match_nothing_are_refused() -> None:
 
 
 def test_registry() -> None:
-    assert "lora" in methods() and method_class("lora") is LoraAdapter
+    assert "lora" in names() and method_class("lora") is LoraMethod
     with pytest.raises(ValueError, match="method"):
         method_class("no-such-method")
+    with pytest.raises(ValueError, match="registered twice"):
+        register("lora", "pollinate.methods.lora.method:LoraMethod")
 
 
 def test_classification_head_travels_and_frozen_a_does_not() -> None:

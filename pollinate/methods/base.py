@@ -1,0 +1,159 @@
+"""The three small protocols every method implements (docs/methods.md), and what they exchange.
+
+- :class:`Method`: built from the run configuration; plans within a memory budget, estimates a plan's
+  peak, builds the :class:`Trainee` of a client or of the server, and gives an export view of a
+  checkpoint. It knows nothing of Flower.
+- :class:`Trainee`: one process's model for one plan: it loads the global state, trains, uploads
+  only what travels, and merges the :class:`Update` s that every node folds into its frozen part.
+- :class:`Update`: what every node merges, in round order. Version v means v updates merged.
+  ``merge(combine([a, b]))`` equals ``merge(a); merge(b)``, so a node that missed rounds catches up
+  from one combined update.
+
+What each method's update is: LoRA's is a low-rank base delta (FLoRA, FedEx-LoRA) or none; LoRA-SB's is
+its frozen A and B, once; FedKSeed's the per-seed scalar sums replayed into the weights; SFPrompt has
+none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
+
+if TYPE_CHECKING:  # torch only for the types: the registry and `pollinate --help` stay light
+    from torch import Tensor, nn
+    from transformers import PreTrainedTokenizerBase
+
+    from pollinate.methods.plan import Estimate, ModelDims, Plan
+    from pollinate.training import TrainResult
+
+Example = dict[str, Any]
+"""One encoded example: ``input_ids``, ``attention_mask``, ``labels``."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What a round asks of one client's local training."""
+
+    steps: int
+    """Optimiser steps (or zeroth-order steps)."""
+    batch_size: int
+    """Examples per step (the effective batch)."""
+    lr: float
+    micro_batch: int
+    """Examples per forward/backward pass; ``batch_size`` is a multiple of it."""
+
+
+@dataclass(frozen=True)
+class Exportable:
+    """How the edge export reads a method's checkpoint folder; recorded in its ``manifest.json``.
+
+    Every method's server trainee saves a peft LoRA view of itself (``adapter_config.json``,
+    ``adapter_model.safetensors``) in the checkpoint; LoRA-SB's folds R into A.
+    """
+
+    base_delta: str | None = None
+    """The checkpoint file of updates merged into the base weights (``<module>.D`` or ``.L``/``.R``,
+    by peft module name), applied to the base before the adapter; None when the method merges none."""
+
+
+class Update(Protocol):
+    """What every node folds into its frozen part, in round order."""
+
+    span: int
+    """How many updates this one stands for (a combined catch-up spans several)."""
+
+    @classmethod
+    def combine(cls, updates: Sequence[Self]) -> Self:
+        """One update equal to merging ``updates`` in order."""
+        ...
+
+    def to_flat(self) -> dict[str, Tensor]:
+        """The tensors that travel (and that a checkpoint keeps)."""
+        ...
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Tensor], *, span: int = 1) -> Self:
+        """The inverse of :meth:`to_flat`."""
+        ...
+
+
+class Trainee(Protocol):
+    """One process's model for one plan."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    version: int
+    """Updates merged into the frozen part so far."""
+
+    def load(self, state: Mapping[str, Tensor], *, seed: int) -> None:
+        """Make ``state`` (what the server sends) the trainable part; ``seed`` draws anything fresh."""
+        ...
+
+    def train(self, examples: Sequence[Example], spec: TrainSpec, *, seed: int) -> TrainResult:
+        """Local training; leaves the trainee at the version it holds."""
+        ...
+
+    def upload(self) -> dict[str, Tensor]:
+        """The tensors (or scalars) that travel to the server: detached fp32 copies."""
+        ...
+
+    def merge(self, update: Update) -> None:
+        """Fold ``update`` into the frozen part; ``version`` grows by its span."""
+        ...
+
+    def fingerprint(self) -> float:
+        """A projection of everything :meth:`merge` writes: equal values, equal frozen parts."""
+        ...
+
+    def save(self, folder: Path) -> None:
+        """The trainable part (and what export needs) into ``folder``."""
+        ...
+
+
+class Method(Protocol):
+    """One way of fine-tuning on a client; built from the run configuration."""
+
+    name: ClassVar[str]
+    settings_table: ClassVar[str]
+    """The run-config table of its settings (``lora``, ``fedsb``)."""
+    title: ClassVar[str]
+    """The name people know it by, for messages (``"LoRA"``, ``"LoRA-SB"``)."""
+    update_type: ClassVar[type[Update]]
+
+    def calibration_size(self) -> int:
+        """Examples of the training pool the server keeps for itself (no client holds them)."""
+        ...
+
+    def dims(self) -> ModelDims:
+        """The model's shapes with this method's targets (no weights loaded)."""
+        ...
+
+    def candidates(self, dims: ModelDims, client: int) -> list[Plan]:
+        """Every plan client ``client`` may use, most capable first."""
+        ...
+
+    def estimate(self, dims: ModelDims, plan: Plan) -> Estimate:
+        """Peak resident bytes of one training step at ``plan``, above the runtime baseline."""
+        ...
+
+    def spec(self, plan: Plan) -> TrainSpec:
+        """What a round's local training does at ``plan`` (steps, batch, learning rate)."""
+        ...
+
+    def client(self, plan: Plan) -> Trainee:
+        """A client's trainee for ``plan``."""
+        ...
+
+    def server(self) -> Trainee:
+        """The server's trainee: it evaluates, merges and saves the global state."""
+        ...
+
+    def initial_state(self, server: Trainee) -> dict[str, Tensor]:
+        """What every client receives in round 1, from the server's trainee."""
+        ...
+
+    def export_view(self) -> Exportable:
+        """How the edge export reads this method's checkpoints."""
+        ...

@@ -1,0 +1,75 @@
+"""Fed-SB: exact by averaging the small square matrix of LoRA-SB (https://arxiv.org/abs/2502.15436).
+
+ΔW = B R A with B and A frozen and identical everywhere, so B (Σ p_k R_k) A = Σ p_k B R_k A exactly. Before
+round 1 the setup makes A and B from an approximated first step: the summed gradient of every target
+weight over ``fedsb.init-examples`` examples, either on a calibration slice the server keeps
+(``fedsb.init = "server"``) or summed once over the clients' shares (``"federated"``); they reach every
+node once through the versioned downlink. Bytes per client per round and target matrix: r² numbers each
+way, whatever the number of clients (plus r(m + n) + r² down, once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from pollinate import protocol
+from pollinate.config import RunConfig
+from pollinate.methods.lora_sb.method import LoraSbMethod, LoraSbTrainee
+from pollinate.aggregation import weighted_average
+from pollinate.methods.lora_sb.layer import R_KEY
+from pollinate.methods.lora_sb.rules import average_r
+from pollinate.protocol import ClientReport
+from pollinate.strategies.base import Aggregate, Exchange, PollinateStrategy, weights_of
+
+
+class FedSb(PollinateStrategy):
+    """Weighted mean of every R (and a trained head); A and B come from the setup."""
+
+    method_name = "lora_sb"
+    method: LoraSbMethod
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Equal ranks only: every R must have the same side."""
+        if cfg.lora.ranks:
+            raise ValueError(f"lora.ranks: {cfg.lora.ranks!r} is not allowed with strategy 'fedsb'; "
+                             "every client trains the same r×r matrices: set fedsb.rank instead")
+
+    def setup(self, server: LoraSbTrainee, exchange: Exchange, grid: Grid,  # type: ignore[override]
+              config: ConfigRecord) -> None:
+        """Make A, B and R0 from the initial gradient, and commit them as update 1."""
+        if self.method.calibration_size() > 0:
+            sums = server.gradient_sums(self.method.calibration_examples(server))
+        else:
+            sums = self._federated_sums(exchange, grid, config)
+        self.commit(self.method.factors(sums))
+
+    def _federated_sums(self, exchange: Exchange, grid: Grid, config: ConfigRecord) -> dict[str, torch.Tensor]:
+        """Ask every node for its share's gradient sums once, and add them up."""
+        setup = ConfigRecord({**config, protocol.SETUP: "fedsb-init"})
+        sampled = super().configure_train(0, ArrayRecord(), setup, grid)
+        messages = [self.node_message(m.metadata.dst_node_id, ArrayRecord(), setup, 0, "query")
+                    for m in sampled]
+        replies = [r for r in exchange(messages) if not r.has_error()]
+        if not replies:
+            raise RuntimeError("fedsb.init = 'federated': no client answered the setup exchange")
+        total: dict[str, torch.Tensor] = {}
+        for reply in replies:  # each a sum over its share: their sum is the sum over every example
+            for name, grad in protocol.from_record(protocol.arrays_of(reply)).items():
+                total[name] = total[name] + grad if name in total else grad.clone()
+        return total
+
+    def combine(self, reports: Sequence[ClientReport]) -> Aggregate:
+        """R ← Σ p_k R_k (exact: the map R ↦ B R A is linear); a classification head averaged plainly."""
+        weights = weights_of(reports)
+        is_r = [k.endswith(f".{R_KEY}") for k in reports[0].upload]
+        r_parts = [{k: v for k, v in r.upload.items() if k.endswith(f".{R_KEY}")} for r in reports]
+        heads = [{k: v for k, v in r.upload.items() if not k.endswith(f".{R_KEY}")} for r in reports]
+        state = average_r(r_parts, weights)
+        if not all(is_r):
+            state.update(weighted_average(heads, weights))
+        return Aggregate(state=state)
