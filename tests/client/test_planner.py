@@ -3,28 +3,23 @@
 import argparse
 import re
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
 from transformers import BertConfig, LlamaConfig
 
-from pollinate.adapters import LoraAdapter, LoraAdapterConfig
-from pollinate.client import planner
+from pollinate import methods
 from pollinate.client.budget import parse_size
+from pollinate.client.measure import measure_peak
 from pollinate.client.plan_cli import register
-from pollinate.client.planner import (
-    Estimate,
-    ModelDims,
-    Plan,
-    candidates,
-    choose_plan,
-    enable_checkpointing,
-    estimator_for,
-    measure_peak,
-    model_dims,
-    register_estimator,
-)
+from pollinate.client.planner import choose_plan, plan_within
+from pollinate.config import RunConfig
+from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
+from pollinate.methods.lora.method import LoraMethod, LoraPlan, lora_candidates
+from pollinate.methods.plan import Estimate, ModelDims, Plan, model_dims
 from pollinate.models import load_model, model_config
+from pollinate.training import enable_checkpointing
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BERT_TARGETS = ("query", "key", "value")
@@ -41,6 +36,22 @@ def smollm2_sized() -> ModelDims:
 @pytest.fixture(scope="module")
 def smol() -> ModelDims:
     return smollm2_sized()
+
+
+def lora(task: str = "generation") -> LoraMethod:
+    """The LoRA method for ``task``; its estimate reads only the task from the run configuration."""
+    return LoraMethod(RunConfig(task=task))
+
+
+def choose(dims: ModelDims, budget: int, *, ranks: list[int], batch_size: int, seq_len: int,
+           margin: float = 0.9, key: str = "memory budget") -> tuple[LoraPlan, Estimate]:
+    """The LoRA plan search over ``lora_candidates`` for generation, as a client runs it."""
+    method = lora()
+    plans = lora_candidates(dims, ranks, batch_size, seq_len)
+    plan, estimate = choose_plan(plans, lambda p: method.estimate(dims, p), budget, margin=margin,
+                                 key=key, model=dims.name, title=method.title)
+    assert isinstance(plan, LoraPlan)
+    return plan, estimate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,45 +95,63 @@ def test_model_dims_rejects_unknown_targets() -> None:
 
 
 def test_plan_validates_and_keeps_the_effective_batch() -> None:
-    plan = Plan("lora", 8, 2, 4, 128, True)
+    plan = LoraPlan("lora", 2, 4, 128, True, rank=8)
     assert plan.effective_batch == 8
     assert plan.describe() == "lora rank 8, batch 2 x 4, 128 tokens, checkpointing"
     with pytest.raises(ValueError, match=r"^plan\.micro_batch: 0 is not allowed"):
-        Plan("lora", 8, 0, 4, 128, False)
+        LoraPlan("lora", 0, 4, 128, False, rank=8)
 
 
 def test_estimate_parts_sum_and_scale(smol: ModelDims) -> None:
-    lora = estimator_for("lora")
-    small = lora.estimate(smol, Plan("lora", 8, 1, 1, 64, False), "generation")
+    method = lora()
+    small = method.estimate(smol, LoraPlan("lora", 1, 1, 64, False, rank=8))
     assert small.total == sum(small.parts.values())
     assert small.parts["base weights"] == 134_515_008 * 4
     assert small.parts["adapter"] == small.parts["optimizer"] == smol.lora_params(8) * 8
-    big = lora.estimate(smol, Plan("lora", 8, 4, 1, 64, False), "generation")
+    big = method.estimate(smol, LoraPlan("lora", 4, 1, 64, False, rank=8))
     assert big.parts["logits"] == pytest.approx(4 * small.parts["logits"])
     assert big.parts["activations"] > 3.9 * small.parts["activations"]
-    ckpt = lora.estimate(smol, Plan("lora", 8, 4, 1, 64, True), "generation")
+    ckpt = method.estimate(smol, LoraPlan("lora", 4, 1, 64, True, rank=8))
     assert ckpt.parts["activations"] < big.parts["activations"] / 5  # 30 layers -> inputs + 1 layer
     assert ckpt.parts["logits"] == big.parts["logits"]  # checkpointing does not touch the logits
 
 
-def test_estimator_registry() -> None:
-    with pytest.raises(ValueError, match=r"^method: 'nope' has no memory estimator; allowed: .*lora"):
-        estimator_for("nope")
+class ConstantMethod:
+    """A method whose every plan costs 1000 bytes per rank: registered by the registry test."""
+
+    name = "test-constant"
+    title = "Constant"
+
+    def dims(self) -> ModelDims:
+        return smollm2_sized()
+
+    def candidates(self, dims: ModelDims, client: int) -> list[Plan]:
+        return list(lora_candidates(dims, [16, 8], 1, 16, method=self.name))
+
+    def estimate(self, dims: ModelDims, plan: Plan) -> Estimate:
+        assert isinstance(plan, LoraPlan)
+        return Estimate.of({"everything": 1000 * plan.rank})
+
+
+def test_methods_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {"lora", "lora_sb"} <= set(methods.names())
+    assert methods.method_class("lora") is LoraMethod
+    with pytest.raises(ValueError, match=r"^method: 'nope' is not a known method; allowed: .*lora"):
+        methods.method_class("nope")
     with pytest.raises(ValueError, match="registered twice"):
-        register_estimator("lora")(planner.LoraEstimator)
+        methods.register("lora", "pollinate.methods.lora.method:LoraMethod")
+    with pytest.raises(ValueError, match=r"is not 'package\.module:Class'"):
+        methods.register("test-bad-path", "pollinate.methods.lora.method.LoraMethod")
 
-    @register_estimator("test-constant")
-    class Constant:
-        def estimate(self, dims: ModelDims, plan: Plan, task: str) -> Estimate:
-            return Estimate.of({"everything": 1000 * plan.rank})
-
-    try:
-        dims = smollm2_sized()
-        plan, estimate = choose_plan(dims, "generation", 10_000, ranks=[16, 8], batch_size=1,
-                                     seq_len=16, method="test-constant", margin=1.0)
-        assert (plan.method, plan.rank, estimate.total) == ("test-constant", 8, 8000)
-    finally:
-        del planner._ESTIMATORS["test-constant"]
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # forget the test method after
+    methods.register("test-constant", f"{__name__}:ConstantMethod")
+    constant = methods.method_class("test-constant")()
+    plan, estimate = plan_within(constant, 10_000, 0, margin=1.0)
+    assert isinstance(plan, LoraPlan)
+    assert (plan.method, plan.rank, estimate.total) == ("test-constant", 8, 8000)
+    plan, estimate = choose_plan(constant.candidates(smollm2_sized(), 0), lambda p: Estimate.of({"x": 1}),
+                                 10_000)
+    assert plan == constant.candidates(smollm2_sized(), 0)[0]  # a constant estimate: the first plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,10 +160,10 @@ def test_estimator_registry() -> None:
 
 
 def test_candidates_order_and_effective_batch(smol: ModelDims) -> None:
-    plans = candidates(smol, "generation", ranks=[8, 32, 16, 8], batch_size=12, seq_len=200)
+    plans = lora_candidates(smol, ranks=[8, 32, 16, 8], batch_size=12, seq_len=200)
     assert all(p.effective_batch == 12 and p.seq_len <= 200 for p in plans)
-    assert plans[0] == Plan("lora", 32, 12, 1, 200, False)
-    assert plans[-1] == Plan("lora", 8, 1, 12, 16, True)
+    assert plans[0] == LoraPlan("lora", 12, 1, 200, False, rank=32)
+    assert plans[-1] == LoraPlan("lora", 1, 12, 16, True, rank=8)
     keys = [(-p.rank, -p.seq_len, p.checkpointing, -p.micro_batch) for p in plans]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert sorted({p.micro_batch for p in plans}) == [1, 2, 3, 4, 6, 12]
@@ -143,65 +172,64 @@ def test_candidates_order_and_effective_batch(smol: ModelDims) -> None:
 
 def test_candidates_respect_the_model_and_reject_bad_requests(smol: ModelDims) -> None:
     tiny = model_dims(model_config("tiny-llama", "generation"), LLAMA_TARGETS)
-    assert max(p.seq_len for p in candidates(tiny, "generation", ranks=[8], batch_size=1,
-                                             seq_len=4096)) == 256  # max_position_embeddings
-    assert {p.seq_len for p in candidates(smol, "generation", ranks=[8], batch_size=1, seq_len=8)} == {8}
+    assert max(p.seq_len for p in lora_candidates(tiny, ranks=[8], batch_size=1,
+                                                  seq_len=4096)) == 256  # max_position_embeddings
+    assert {p.seq_len for p in lora_candidates(smol, ranks=[8], batch_size=1, seq_len=8)} == {8}
     with pytest.raises(ValueError, match="^lora.ranks: the list of allowed ranks is empty"):
-        candidates(smol, "generation", ranks=[], batch_size=4, seq_len=64)
+        lora_candidates(smol, ranks=[], batch_size=4, seq_len=64)
     with pytest.raises(ValueError, match="^batch-size: 0 is not allowed"):
-        candidates(smol, "generation", ranks=[8], batch_size=0, seq_len=64)
+        lora_candidates(smol, ranks=[8], batch_size=0, seq_len=64)
 
 
 def test_larger_budgets_choose_more_capable_plans(smol: ModelDims) -> None:
-    request = {"ranks": [64, 32, 16, 8, 4], "batch_size": 8, "seq_len": 256}
-    order = candidates(smol, "generation", **request)
+    request: dict[str, Any] = {"ranks": [64, 32, 16, 8, 4], "batch_size": 8, "seq_len": 256}
+    order = lora_candidates(smol, **request)
     previous = len(order)
     for gb in (0.8, 1.0, 1.2, 1.5, 2, 3, 4, 6, 8):
-        plan, _ = choose_plan(smol, "generation", int(gb * 1e9), **request)
+        plan, _ = choose(smol, int(gb * 1e9), **request)
         assert order.index(plan) <= previous
         previous = order.index(plan)
-    assert choose_plan(smol, "generation", 8 * 10**9, **request)[0] == order[0]  # rank 64, 8 x 256
+    assert choose(smol, 8 * 10**9, **request)[0] == order[0]  # rank 64, 8 x 256
 
 
 def test_never_above_the_margin_and_always_the_first_that_fits(smol: ModelDims) -> None:
-    lora = estimator_for("lora")
-    request = {"ranks": [16, 8], "batch_size": 4, "seq_len": 128}
-    order = candidates(smol, "generation", **request)
+    method = lora()
+    request: dict[str, Any] = {"ranks": [16, 8], "batch_size": 4, "seq_len": 128}
+    order = lora_candidates(smol, **request)
     for budget in range(800_000_000, 3_000_000_000, 37_000_000):
         for margin in (0.8, 0.9):
-            plan, estimate = choose_plan(smol, "generation", budget, margin=margin, **request)
-            assert estimate == lora.estimate(smol, plan, "generation")
+            plan, estimate = choose(smol, budget, margin=margin, **request)
+            assert estimate == method.estimate(smol, plan)
             assert estimate.total <= margin * budget
             before = order[: order.index(plan)]
-            assert all(lora.estimate(smol, p, "generation").total > margin * budget for p in before)
+            assert all(method.estimate(smol, p).total > margin * budget for p in before)
 
 
 def test_choose_plan_is_deterministic(smol: ModelDims) -> None:
-    runs = [choose_plan(smol, "generation", 1_500_000_000, ranks=[32, 8], batch_size=8, seq_len=128)
-            for _ in range(3)]
+    runs = [choose(smol, 1_500_000_000, ranks=[32, 8], batch_size=8, seq_len=128) for _ in range(3)]
     assert runs[0] == runs[1] == runs[2]
 
 
 def test_refusal_names_the_minimum_that_works(smol: ModelDims) -> None:
-    request = {"ranks": [8], "batch_size": 8, "seq_len": 256}
+    request: dict[str, Any] = {"ranks": [8], "batch_size": 8, "seq_len": 256}
     with pytest.raises(ValueError) as err:
-        choose_plan(smol, "generation", 300_000_000, key="memory-budget", **request)
+        choose(smol, 300_000_000, key="memory-budget", **request)
     message = str(err.value)
     assert "\n" not in message
     assert re.match(r"^memory-budget: 300 MB is too small for any LoRA plan of smollm2-sized; "
                     r"needs at least \S+ [kMG]B \(base weights 538 MB, ", message)
     minimum = re.search(r"needs at least (\S+ [kMG]B)", message).group(1)  # type: ignore[union-attr]
-    plan, estimate = choose_plan(smol, "generation", parse_size(minimum.replace(" ", ""), "x"), **request)
+    plan, estimate = choose(smol, parse_size(minimum.replace(" ", ""), "x"), **request)
     assert plan.checkpointing and plan.micro_batch == 1
     with pytest.raises(ValueError, match="needs at least"):
-        choose_plan(smol, "generation", int(estimate.total / 0.9 * 0.97), **request)
+        choose(smol, int(estimate.total / 0.9 * 0.97), **request)
 
 
 def test_bad_budget_and_margin(smol: ModelDims) -> None:
     with pytest.raises(ValueError, match="^memory budget: 0 is not allowed"):
-        choose_plan(smol, "generation", 0, ranks=[8], batch_size=1, seq_len=16)
+        choose(smol, 0, ranks=[8], batch_size=1, seq_len=16)
     with pytest.raises(ValueError, match="^margin: 1.5 is not allowed"):
-        choose_plan(smol, "generation", 10**9, ranks=[8], batch_size=1, seq_len=16, margin=1.5)
+        choose(smol, 10**9, ranks=[8], batch_size=1, seq_len=16, margin=1.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,21 +254,21 @@ def test_enable_checkpointing_keeps_gradients_flowing() -> None:
 
 
 MEASURED = [
-    ("tiny-llama", "generation", Plan("lora", 8, 16, 1, 256, False)),
-    ("tiny-llama", "generation", Plan("lora", 16, 32, 1, 128, True)),
-    ("tiny-bert", "classification", Plan("lora", 8, 16, 1, 128, False)),
-    ("tiny-bert", "classification", Plan("lora", 8, 8, 1, 256, True)),
+    ("tiny-llama", "generation", LoraPlan("lora", 16, 1, 256, False, rank=8)),
+    ("tiny-llama", "generation", LoraPlan("lora", 32, 1, 128, True, rank=16)),
+    ("tiny-bert", "classification", LoraPlan("lora", 16, 1, 128, False, rank=8)),
+    ("tiny-bert", "classification", LoraPlan("lora", 8, 1, 256, True, rank=8)),
 ]
 
 
 def test_estimates_match_measured_peaks_of_tiny_models() -> None:
     """Each plan trains 3 steps in a fresh process; the estimate is within ±25% of VmHWM - baseline."""
-    def one(case: tuple[str, str, Plan]) -> tuple[str, float, int]:
+    def one(case: tuple[str, str, LoraPlan]) -> tuple[str, float, int]:
         name, task, plan = case
         measured = measure_peak(name, task, plan, timeout=120)
         targets = LLAMA_TARGETS if name == "tiny-llama" else BERT_TARGETS
         dims = model_dims(model_config(name, task), targets, name=name)
-        estimate = estimator_for("lora").estimate(dims, plan, task)
+        estimate = lora(task).estimate(dims, plan)
         return f"{name} {plan.describe()}", estimate.total / measured.peak - 1, measured.peak
 
     with ThreadPoolExecutor(2) as pool:
@@ -270,6 +298,13 @@ def test_plan_command_prints_candidates_and_marks_the_chosen(capsys: pytest.Capt
     assert "budget 45 MB" in out and "chosen: lora rank 16" in out and "base weights" in out
 
 
+def test_plan_command_plans_lora_sb(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run_plan(["--model", "tiny-llama", "--method", "lora_sb", "--budget", "45MB"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("→ chosen") == 1
+    assert "LoRA-SB" in out and "chosen: lora_sb, batch" in out and "base weights" in out
+
+
 def test_plan_command_errors_are_one_line_value_errors() -> None:
     with pytest.raises(ValueError, match=r"^--budget: '1\.5XB' is not a size; use e\.g\. 1\.5GB, 800MiB$"):
         _run_plan(["--model", "tiny-llama", "--budget", "1.5XB"])
@@ -278,3 +313,5 @@ def test_plan_command_errors_are_one_line_value_errors() -> None:
         _run_plan(["--model", "tiny-llama", "--budget", "1MB"])
     with pytest.raises(ValueError, match=r"^--ranks: '8,x' is not allowed"):
         _run_plan(["--model", "tiny-llama", "--budget", "1GB", "--ranks", "8,x"])
+    with pytest.raises(ValueError, match=r"^method: 'nope' is not a known method"):
+        _run_plan(["--model", "tiny-llama", "--budget", "1GB", "--method", "nope"])
