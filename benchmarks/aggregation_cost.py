@@ -18,7 +18,7 @@ was tried first: malloc serves the many small factors from heap it already holds
 
 A second table shows what the downlink carries per client: FLoRA's stacked factors grow with
 Σ r_k, FedEx's residual has rank (K-1)·r and goes dense once (K-1)·r·(m+n) > m·n. A third measures what
-the Flower strategy does with it every round: ``LoraStrategy.build_base_record`` (combine, flatten,
+the Flower strategy does with it every round: ``PollinateStrategy.build_base_record`` (combine, flatten,
 ArrayRecord), built once per base version and shared by the nodes at that version.
 
     python benchmarks/aggregation_cost.py [--quick]
@@ -140,7 +140,8 @@ def numel(obj: Any) -> int:
 
 def measure_k(k: int, shapes: dict[str, tuple[int, int]], reps: int) -> dict[str, Any]:
     """Every rule at ``k`` clients: time, floor, peak memory, output size; the downlink sizes."""
-    from pollinate.aggregation import combine, fedex, pad_average, payload_numbers, stack, weighted_average
+    from pollinate.aggregation import combine, fedex, pad_average, stack, weighted_average
+    from pollinate.strategies import FedExLora, FedIt, FLora
 
     gen = torch.Generator().manual_seed(k)
     equal = clients(shapes, [RANK] * k, gen)
@@ -168,9 +169,9 @@ def measure_k(k: int, shapes: dict[str, tuple[int, int]], reps: int) -> dict[str
               f"peak +{extra / 2**20:7.1f} MiB", flush=True)
     # the downlink of one client of rank RANK (rounds >= 2), numbers; actual = what the strategy sends
     mn = list(shapes.values())
-    _, flora_formula = payload_numbers("flora", mn, RANK, [RANK] * k, first_round=False)
-    _, fedex_formula = payload_numbers("fedex", mn, RANK, [RANK] * k, first_round=False)
-    _, fedit_down = payload_numbers("fedit", mn, RANK, [RANK] * k, first_round=False)
+    _, flora_formula = FLora.payload_numbers(mn, RANK, [RANK] * k, first_round=False)
+    _, fedex_formula = FedExLora.payload_numbers(mn, RANK, [RANK] * k, first_round=False)
+    _, fedit_down = FedIt.payload_numbers(mn, RANK, [RANK] * k, first_round=False)
     flora_sent = combine([results["flora"]])  # what base_record puts on the wire: factored or dense
     residual = results["fedex"][1]
     out["downlink"] = {
@@ -190,17 +191,20 @@ def server_downlink(k: int, results: dict[str, Any], reps: int) -> dict[str, Any
     import warnings
 
     warnings.filterwarnings("ignore")
-    from pollinate.strategies import FedExLora, FLora, LoraStrategy, wire
+    from pollinate.config import RunConfig
+    from pollinate.methods.lora.update import LowRankUpdate
+    from pollinate.protocol import wire_bytes
+    from pollinate.strategies import build_strategy
 
     out = {}
-    classes: tuple[tuple[str, type[LoraStrategy], Any], ...] = (
-        ("flora", FLora, results["flora"]), ("fedex", FedExLora, results["fedex"][1]))
-    for name, cls, delta in classes:
-        strategy = cls(rank=RANK, alpha=ALPHA, num_clients=k)
-        strategy.history = [delta]
+    for name, delta in (("flora", results["flora"]), ("fedex", results["fedex"][1])):
+        cfg = RunConfig.from_run_config({"strategy": name, "num-clients": k, "lora.rank": RANK,
+                                         "lora.alpha": ALPHA})
+        strategy = build_strategy(cfg)  # no model is loaded: the method only plans
+        strategy.history = [LowRankUpdate(delta)]
         seconds = median_time(functools.partial(strategy.build_base_record, 0), reps)
         records = [strategy.base_record(0)[0] for _ in range(k)]  # what configure_train does for K nodes
-        out[name] = {"build_seconds": seconds, "record_bytes": wire.wire_bytes(records[0]),
+        out[name] = {"build_seconds": seconds, "record_bytes": wire_bytes(records[0]),
                      "distinct_records": len({id(r) for r in records})}
     return out
 
@@ -268,7 +272,8 @@ def section(out: dict[str, Any]) -> list[str]:
         "Scaling (time per client should stay flat if the cost is linear in K):", "",
         scaling(out), "",
         f"Downlink per client of rank {RANK} in rounds >= 2, MB (fp32), and what the Flower strategy does "
-        "with it each round: `LoraStrategy.build_base_record` (combine, to_flat, ArrayRecord) is timed; "
+        "with it each round: `PollinateStrategy.build_base_record` (combine, to_flat, ArrayRecord) is "
+        "timed; "
         "`base_record` builds it once per base version and every node at that version gets the same "
         "record, so 'records for K nodes' (distinct records handed to K nodes) should be 1. 'Formula' is "
         "`payload_numbers`; 'sent' is what the strategy actually puts on the wire (factored or dense, "

@@ -8,12 +8,12 @@
    real run whose peak must stay under it) against the peak of a naive setup (batch 8 x 256 tokens, no
    checkpointing, default allocator). The ratio is the headline.
 
-Every peak is measured by :func:`pollinate.client.planner.measure_peak`: a fresh process with one
+Every peak is measured by :func:`pollinate.client.measure.measure_peak`: a fresh process with one
 torch thread, VmHWM after three training steps minus VmHWM before the model was loaded. Measurements run
 two at a time (each process has its own VmHWM; the machine has two cores).
 
 Before that it measures the calibration set and fits the estimator's coefficients (:class:`Calibration`)
-to it; the defaults in pollinate/client/planner.py were taken from such a fit (the accuracy table uses
+to it; the defaults in pollinate/methods/lora/memory.py were taken from such a fit (the accuracy table uses
 the defaults, on plans that are not in the calibration set).
 
     python benchmarks/memory.py [--quick] [--no-calibrate] [--only SECTION] [--report-only] [--workers 2]
@@ -36,18 +36,11 @@ from common import REPO, RESULTS, machine, mark, save_result, table
 
 sys.path.insert(0, str(REPO))
 from pollinate.client.budget import format_size  # noqa: E402
-from pollinate.client.planner import (  # noqa: E402
-    Calibration,
-    LoraEstimator,
-    ModelDims,
-    Plan,
-    candidates,
-    choose_plan,
-    estimator_for,
-    measure_peak,
-    minimum_budget,
-    model_dims,
-)
+from pollinate.client.measure import measure_peak  # noqa: E402
+from pollinate.client.planner import choose_plan, minimum_budget  # noqa: E402
+from pollinate.methods.lora.memory import Calibration, LoraEstimator  # noqa: E402
+from pollinate.methods.lora.method import LoraPlan, lora_candidates  # noqa: E402
+from pollinate.methods.plan import Estimate, ModelDims, Plan, model_dims  # noqa: E402
 
 NAME = "memory"
 DOC = REPO / "docs" / "benchmarks-memory.md"
@@ -107,7 +100,7 @@ _DIMS: dict[str, ModelDims] = {}
 def dims_of(model: str) -> ModelDims:
     """The planner's view of a built-in model, with the default LoRA targets."""
     if model not in _DIMS:
-        from pollinate.config import DEFAULT_TARGETS
+        from pollinate.methods.settings import DEFAULT_TARGETS
         from pollinate.models import model_config
 
         config = model_config(model, TASKS[model])
@@ -115,9 +108,17 @@ def dims_of(model: str) -> ModelDims:
     return _DIMS[model]
 
 
-def plan_of(point: Point) -> Plan:
+def plan_of(point: Point) -> LoraPlan:
     _, rank, micro, seq_len, ckpt = point
-    return Plan("lora", rank, micro, 1, seq_len, ckpt)
+    return LoraPlan("lora", micro, 1, seq_len, ckpt, rank=rank)
+
+
+def estimate_of(dims: ModelDims, plan: Plan, task: str, estimator: LoraEstimator | None = None) -> Estimate:
+    """LoRA's estimate of ``plan`` (as ``LoraMethod.estimate``), with the code's coefficients or
+    ``estimator``'s."""
+    assert isinstance(plan, LoraPlan), plan
+    estimator = estimator or LoraEstimator()
+    return estimator.estimate(dims, plan, task, width=plan.rank, trainable=dims.lora_params(plan.rank))
 
 
 def measure(point: Point, grad_accum: int = 1, **options: Any) -> dict[str, Any]:
@@ -126,7 +127,7 @@ def measure(point: Point, grad_accum: int = 1, **options: Any) -> dict[str, Any]
     plan = dataclasses.replace(plan_of(point), grad_accum=grad_accum)
     start = time.perf_counter()
     m = measure_peak(model, TASKS[model], plan, **options)
-    estimate = estimator_for("lora").estimate(dims_of(model), plan, TASKS[model])
+    estimate = estimate_of(dims_of(model), plan, TASKS[model])
     record = {"model": model, "task": TASKS[model], **dataclasses.asdict(plan), **options,
               "peak": m.peak, "loaded": m.loaded, "baseline": m.baseline, "train_seconds": m.seconds,
               "cpu_seconds": m.cpu_seconds, "minor_faults": m.minor_faults,
@@ -166,8 +167,8 @@ def _features(record: dict[str, Any]) -> tuple[float, list[float]]:
                        runtime_bytes=0, runtime_per_vocab=0.0)
     one = dataclasses.replace(zero, decoder_workspace=1.0, encoder_workspace=1.0, logit_copies=1.0)
     dims, plan = dims_of(record["model"]), plan_of(_point(record))
-    base = LoraEstimator(zero).estimate(dims, plan, record["task"])
-    unit = LoraEstimator(one).estimate(dims, plan, record["task"]).parts
+    base = estimate_of(dims, plan, record["task"], LoraEstimator(zero))
+    unit = estimate_of(dims, plan, record["task"], LoraEstimator(one)).parts
     workspace = unit.get("workspace", 0)
     return base.total, [0.0 if dims.encoder else workspace, workspace if dims.encoder else 0.0,
                         unit.get("logits", 0), 1.0, float(dims.vocab)]
@@ -217,8 +218,8 @@ def fit(records: Sequence[dict[str, Any]]) -> Calibration:
 def errors_with(calibration: Calibration, records: Sequence[dict[str, Any]]) -> list[float]:
     """Relative error of every record's estimate under ``calibration``."""
     estimator = LoraEstimator(calibration)
-    return [estimator.estimate(dims_of(r["model"]), plan_of(_point(r)), r["task"]).total / r["peak"] - 1
-            for r in records]
+    return [estimate_of(dims_of(r["model"]), plan_of(_point(r)), r["task"], estimator).total
+            / r["peak"] - 1 for r in records]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,16 +231,15 @@ def minimum_plans(model: str) -> dict[str, dict[str, Any]]:
     """The planner's minimum budgets for the NAIVE request: keeping its 256 tokens, and with any plan;
     each with the plan ``choose_plan`` picks at exactly that budget."""
     dims, task = dims_of(model), TASKS[model]
-    estimator = estimator_for("lora")
-    request = {"ranks": [NAIVE["rank"]], "batch_size": NAIVE["batch"], "seq_len": NAIVE["seq_len"]}
-    plans = candidates(dims, task, **request)
+    plans = lora_candidates(dims, [NAIVE["rank"]], NAIVE["batch"], NAIVE["seq_len"])
     same = min((p for p in plans if p.seq_len == NAIVE["seq_len"]),
-               key=lambda p: estimator.estimate(dims, p, task).total)
-    anything = min(plans, key=lambda p: estimator.estimate(dims, p, task).total)
+               key=lambda p: estimate_of(dims, p, task).total)
+    anything = min(plans, key=lambda p: estimate_of(dims, p, task).total)
     out = {}
     for label, plan in (("same_workload", same), ("any_plan", anything)):
-        budget = minimum_budget(estimator.estimate(dims, plan, task), MARGIN)
-        chosen, estimate = choose_plan(dims, task, budget, method="lora", margin=MARGIN, **request)
+        budget = minimum_budget(estimate_of(dims, plan, task), MARGIN)
+        chosen, estimate = choose_plan(plans, lambda p: estimate_of(dims, p, task), budget,
+                                       margin=MARGIN, model=model, title="LoRA")
         out[label] = {"budget": budget, "plan": dataclasses.asdict(chosen), "estimate": estimate.total}
     return out
 
@@ -251,7 +251,7 @@ def smallest_budgets(workers: int, quick: bool) -> dict[str, Any]:
     naive: Point = (model, NAIVE["rank"], NAIVE["batch"], NAIVE["seq_len"], False)
     jobs: list[Job] = [(naive, {"bare": True, "limit_heap": False})]
     for label in ("same_workload", "any_plan"):  # the chosen plan as the client runs it: accumulating
-        plan = Plan(**out[label]["plan"])
+        plan = LoraPlan(**out[label]["plan"])
         jobs.append(((model, plan.rank, plan.micro_batch, plan.seq_len, plan.checkpointing),
                      {"grad_accum": plan.grad_accum, "steps": ACCUMULATING_STEPS}))
     naive_record, *records = measure_jobs(jobs, workers)
@@ -326,7 +326,7 @@ def minimum_section(m: dict[str, Any]) -> str:
     for label, title in (("same_workload", "same workload (256 tokens, effective batch 8)"),
                          ("any_plan", "any plan (sequence cap down to 16)")):
         e = m[label]
-        plan = Plan(**e["plan"])
+        plan = LoraPlan(**e["plan"])
         rows.append([title, format_size(e["budget"]), plan.describe(), format_size(e["measured"]),
                      "yes" if e["fits"] else "**no**", f"{e['ratio']:.2f}x"])
     text = table(["pollinate minimum", "budget", "plan chosen at it", "measured peak", "under budget",
@@ -355,7 +355,7 @@ def write_doc(result: dict[str, Any]) -> list[str]:
         "training steps minus VmHWM before the model was loaded (interpreter, torch, transformers, "
         "peft), in a fresh process with one torch thread, every weight resident, glibc's heap set by "
         "`limit_heap_retention()`; two measurements at a time. Estimates use the coefficients in "
-        "`pollinate/client/planner.py`.",
+        "`pollinate/methods/lora/memory.py`.",
         "",
         "Measured on " + "; ".join(
             f"{name}: {run['finished']}, {run['seconds']:.0f} s, load average {run['loadavg_start']:.1f}"
@@ -441,10 +441,9 @@ def dtype_section(d: dict[str, Any]) -> str:
 
 def refresh_estimates(result: dict[str, Any]) -> None:
     """Recompute every estimate with the code's current coefficients (the measurements stay)."""
-    estimator = LoraEstimator()
     for section in ("calibration", "accuracy"):
         for r in result.get(section, {}).get("records", []):
-            estimate = estimator.estimate(dims_of(r["model"]), plan_of(_point(r)), r["task"])
+            estimate = estimate_of(dims_of(r["model"]), plan_of(_point(r)), r["task"])
             r["estimate"], r["estimate_parts"] = estimate.total, estimate.parts
             r["error"] = estimate.total / r["peak"] - 1
     if "minimum" in result:

@@ -5,9 +5,9 @@ but after a single step from B = 0 every client's A is still the shared A0, and 
 be deduplicated by Flower's content addressing),
 ranks 8,4,2 for flora and zeropad and 4 on every client for fedit, ffa and fedex. Measured: the
 ``bytes_up`` / ``bytes_down`` of every ``client`` event in metrics.jsonl (what Flower serialises for
-each ArrayRecord, arrays and chunks). Expected: ``payload_numbers`` x 4 bytes, plus the classification
-head where the model has one (it travels both ways in every strategy; the formula counts the LoRA
-factors only). ratio = measured / expected; the difference is the serialisation header.
+each ArrayRecord, arrays and chunks). Expected: the strategy's ``payload_numbers`` x 4 bytes, plus the
+classification head where the model has one (it travels both ways in every strategy; the formula counts
+the LoRA factors only). ratio = measured / expected; the difference is the serialisation header.
 
 Then the formula alone for SmolLM2-135M's shapes (30 layers x q 576x576, k 192x576, v 192x576,
 o 576x576) at 10 clients: MB per client per round.
@@ -48,17 +48,27 @@ SMOLLM2_RANKS = {"fedit": [8] * 10, "ffa": [8] * 10, "fedex": [8] * 10, "flora (
 def model_shapes(settings: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
     """(m, n) of every adapted matrix, and the numbers of the trained head (0 without one)."""
     warnings.filterwarnings("ignore")
-    from pollinate import workload
     from pollinate.aggregation import LoraFactors
     from pollinate.config import RunConfig
+    from pollinate.methods.lora.method import LoraTrainee
+    from pollinate.methods.lora.variants import Shared
 
     cfg = RunConfig.from_run_config({**settings, "lora.rank": 8})
-    model, _ = workload.base_model(cfg)
-    adapter = workload.lora_adapter(cfg, model, 8)
-    peft_model = workload.attach(cfg, adapter, model)
-    shapes = [tuple(w.shape) for w in adapter.base_weights(peft_model).values()]
-    head = LoraFactors.from_state(adapter.trainable_state(peft_model), cfg.lora.alpha).extra
+    trainee = LoraTrainee(cfg, 8, Shared())
+    shapes = [tuple(w.shape) for w in trainee.adapter.base_weights(trainee.model).values()]
+    head = LoraFactors.from_state(trainee.upload(), cfg.lora.alpha).extra
     return shapes, sum(t.numel() for t in head.values())  # type: ignore[misc]
+
+
+def payload_numbers(strategy: str, shapes: list[tuple[int, int]], rank: int, ranks: list[int],
+                    first_round: bool) -> tuple[int, int]:
+    """(numbers up, numbers down) of one client, from the LoRA strategy's own formula."""
+    from pollinate.strategies import LoraStrategy, strategy_class
+
+    rule = strategy_class(strategy)
+    if not issubclass(rule, LoraStrategy):
+        raise SystemExit(f"strategy {strategy!r} is not a LoRA rule; this benchmark counts LoRA factors")
+    return rule.payload_numbers(shapes, rank, ranks, first_round)
 
 
 def measure(model: str, strategy: str) -> dict[str, Any]:
@@ -77,8 +87,6 @@ def measure(model: str, strategy: str) -> dict[str, Any]:
 
 def compare(run: dict[str, Any], shapes: list[tuple[int, int]], head: int) -> list[dict[str, Any]]:
     """Measured vs expected per (round, rank); clients of one rank in one round must agree."""
-    from pollinate.aggregation import payload_numbers
-
     strategy = run["settings"]["strategy"]
     ranks = [int(x) for x in run["settings"]["lora.ranks"].split(",")]
     rows: dict[tuple[int, int], dict[str, Any]] = {}
@@ -101,8 +109,6 @@ def compare(run: dict[str, Any], shapes: list[tuple[int, int]], head: int) -> li
 
 def formula_table(k: int = 10) -> list[dict[str, Any]]:
     """SmolLM2 shapes, ``k`` clients: MB per client per round from ``payload_numbers`` (no run)."""
-    from pollinate.aggregation import payload_numbers
-
     rows = []
     for label, ranks in SMOLLM2_RANKS.items():
         strategy = label.split()[0]

@@ -108,13 +108,14 @@ def centralized(settings: dict[str, Any]) -> dict[str, Any]:
     from pollinate.config import RunConfig
     from pollinate.data import encode_dataset
     from pollinate.server.global_model import GlobalModel
+    from pollinate.strategies import method_for
     from pollinate.training import train_local
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes
     cfg = RunConfig.from_run_config(settings)
     meter, start = CpuMeter(), time.perf_counter()
-    model = GlobalModel(cfg)  # same base, same seeded initial adapter, same held-out split
-    union = [e for share in workload.shares(cfg)
+    model = GlobalModel(cfg, method_for(cfg))  # same base, seeded initial adapter, held-out split
+    union = [e for share in workload.shares(cfg, model.method.calibration_size())
              for e in encode_dataset(share, model.tokenizer, cfg.task, cfg.max_seq_len)]
     evals = {0: model.evaluate()}
     chunk = cfg.local_steps * cfg.num_clients  # the examples all clients see in one round

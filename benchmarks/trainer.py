@@ -1,7 +1,7 @@
 """Throughput of pollinate's local training step against a bare torch + peft loop.
 
-A: ``pollinate.training.train_local`` on a peft model built as the ClientApp builds it
-(``workload.base_model``, ``workload.lora_adapter``, ``workload.attach``, the strategy's ``prepare``).
+A: ``pollinate.training.train_local`` on a peft model built as the ClientApp builds it: a
+``LoraTrainee`` with the configured strategy's client variant (``pollinate.methods.lora``).
 B: a loop written below with nothing but torch and peft: the same base weights wrapped by
 ``peft.get_peft_model`` with the same LoRA settings, AdamW, and per step forward, backward, step,
 zero_grad over batches collated before the clock starts.
@@ -32,7 +32,8 @@ from transformers import PreTrainedTokenizerBase
 from pollinate import workload
 from pollinate.config import RunConfig
 from pollinate.data import IGNORE_INDEX, collate, encode_dataset
-from pollinate.strategies import strategy_class
+from pollinate.methods.lora.method import LoraTrainee
+from pollinate.strategies import LoraStrategy, strategy_class
 from pollinate.training import batches, train_local
 
 NAME = "trainer"
@@ -63,17 +64,17 @@ def bare_model(base: nn.Module, cfg: RunConfig) -> nn.Module:
     family = base.config.model_type  # type: ignore[union-attr]
     lora = LoraConfig(r=cfg.lora.rank, lora_alpha=int(cfg.lora.alpha), lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_list(family), task_type=TaskType.CAUSAL_LM)
-    torch.manual_seed(cfg.seed)  # the same draw of A as workload.attach
+    torch.manual_seed(cfg.seed)  # the same draw of A as LoraTrainee
     return get_peft_model(base, lora)  # type: ignore[arg-type]
 
 
 def our_model(cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The peft model exactly as the ClientApp builds it (pollinate/client/app.py), and its tokenizer."""
-    base, tokenizer = workload.base_model(cfg)
-    adapter = workload.lora_adapter(cfg, base, cfg.lora.rank_for(0))
-    model = workload.attach(cfg, adapter, base)  # A drawn from the run's seed
-    strategy_class(cfg.strategy).client_side.prepare(adapter, model)
-    return model, tokenizer
+    strategy = strategy_class(cfg.strategy)
+    if not issubclass(strategy, LoraStrategy):
+        raise SystemExit(f"strategy {cfg.strategy!r} does not train LoRA; this benchmark compares LoRA loops")
+    trainee = LoraTrainee(cfg, cfg.lora.rank_for(0), strategy.variant)  # A drawn from the run's seed
+    return trainee.model, trainee.tokenizer
 
 
 def bare_train(model: nn.Module, prepared: list[dict[str, torch.Tensor]]) -> float:

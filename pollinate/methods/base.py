@@ -154,6 +154,10 @@ class Method(Protocol):
         """What every client receives in round 1, from the server's trainee."""
         ...
 
+    def sample_update(self, trainee: Trainee, seed: int) -> Update:
+        """A valid random update for ``trainee``, drawn from ``seed`` (contract tests, benchmarks)."""
+        ...
+
     def export_view(self) -> Exportable:
         """How the edge export reads this method's checkpoints."""
         ...

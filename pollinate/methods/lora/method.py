@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pollinate import models, workload
-from pollinate.aggregation import apply_delta, fingerprint
+from pollinate.aggregation import Delta, apply_delta, fingerprint
 from pollinate.config import RunConfig
 from pollinate.files import UPDATES_FILE
 from pollinate.methods.base import Example, Exportable, TrainSpec
@@ -177,6 +177,13 @@ class LoraMethod:
     def initial_state(self, server: LoraTrainee) -> State:
         """What every client receives in round 1."""
         return server.initial_state()
+
+    def sample_update(self, trainee: LoraTrainee, seed: int) -> LowRankUpdate:  # type: ignore[override]
+        """A random rank-2 delta on every adapted layer, about the size a merged round has."""
+        gen = torch.Generator().manual_seed(seed)
+        return LowRankUpdate({name: Delta(left=0.01 * torch.randn(w.shape[0], 2, generator=gen),  # (m, 2)
+                                          right=0.01 * torch.randn(2, w.shape[1], generator=gen))  # (2, n)
+                              for name, w in trainee.adapter.base_weights(trainee.model).items()})
 
     def export_view(self) -> Exportable:
         """A LoRA checkpoint is peft LoRA; its merged updates (FLoRA, FedEx-LoRA) are base deltas."""

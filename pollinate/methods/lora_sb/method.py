@@ -53,7 +53,8 @@ class FrozenFactors:
         """``<module>.sb_A`` (r×n), ``.sb_B`` (m×r), ``.sb_R0`` (r×r)."""
         flat = {}
         for name, (a, b, r0) in self.factors.items():
-            flat[f"{name}.{A_KEY}"], flat[f"{name}.{B_KEY}"], flat[f"{name}.{R0_KEY}"] = a, b, r0
+            for key, value in ((A_KEY, a), (B_KEY, b), (R0_KEY, r0)):
+                flat[f"{name}.{key}"] = value.contiguous()
         return flat
 
     @classmethod
@@ -196,6 +197,17 @@ class LoraSbMethod:
     def initial_state(self, server: LoraSbTrainee) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """R0 (and the initial head) once the factors are installed."""
         return server.upload()
+
+    def sample_update(self, trainee: LoraSbTrainee, seed: int) -> FrozenFactors:  # type: ignore[override]
+        """Random orthonormal A and B (QR of Gaussians) and a small random R0 on every layer."""
+        gen = torch.Generator().manual_seed(seed)
+        factors = {}
+        for name, m in trainee.layers.items():
+            r, (out, inp) = m.rank, m.base.weight.shape
+            b = torch.linalg.qr(torch.randn(out, r, generator=gen)).Q  # (m, r), orthonormal columns
+            a = torch.linalg.qr(torch.randn(inp, r, generator=gen)).Q.T.contiguous()  # (r, n), orthonormal rows
+            factors[name] = (a, b, 0.01 * torch.randn(r, r, generator=gen))
+        return FrozenFactors(factors)
 
     def export_view(self) -> Exportable:
         """The checkpoint's peft view already has R folded in; nothing is merged into the base."""

@@ -1,0 +1,133 @@
+"""The contract every registered method keeps (design: "Methods: the unit of extension").
+
+One parametrised matrix, as peft tests every tuner: a new method gets these tests by registering. Each
+row builds the method on tiny-llama (generation) and, where it supports classification, tiny-bert.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pollinate import methods
+from pollinate.config import RunConfig
+from pollinate.methods.base import Method, Trainee
+from pollinate.methods.plan import Plan
+from pollinate.server.loop import FINGERPRINT_TOLERANCE
+
+# The strategy that trains each method (the strategy determines the method).
+STRATEGY = {"lora": "fedit", "lora_sb": "fedsb"}
+CASES = [(name, model, task) for name in methods.names()
+         for model, task in (("tiny-llama", "generation"), ("tiny-bert", "classification"))]
+
+
+def _method(name: str, model: str, task: str) -> Method:
+    cfg = RunConfig.from_run_config({"model": model, "task": task, "strategy": STRATEGY[name],
+                                     "num-clients": 2, "eval-examples": 8, "local-steps": 2,
+                                     "fedsb.rank": 4, "fedsb.init-examples": 4})
+    return methods.build(name, cfg)
+
+
+def _client(method: Method) -> tuple[Trainee, Plan]:
+    plan = method.candidates(method.dims(), 0)[0]
+    return method.client(plan), plan
+
+
+def _tensors(trainee: Trainee) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainee.model.state_dict().items()}
+
+
+def test_every_method_has_a_strategy_row() -> None:
+    assert set(STRATEGY) == set(methods.names())
+
+
+@pytest.mark.parametrize(("name", "model", "task"), CASES)
+def test_upload_after_load_returns_what_was_loaded(name: str, model: str, task: str) -> None:
+    method = _method(name, model, task)
+    trainee, _ = _client(method)
+    gen = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=gen) for k, v in trainee.upload().items()}
+    trainee.load(state, seed=1)
+    back = trainee.upload()
+    assert back.keys() == state.keys()
+    for key in state:
+        torch.testing.assert_close(back[key], state[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "model", "task"), CASES)
+def test_merging_a_combination_equals_merging_in_order(name: str, model: str, task: str) -> None:
+    method = _method(name, model, task)
+    together, one_by_one = _client(method)[0], _client(method)[0]
+    probe = _client(method)[0]
+    u1, u2 = method.sample_update(probe, 1), method.sample_update(probe, 2)
+    together.merge(method.update_type.combine([u1, u2]))
+    one_by_one.merge(u1)
+    one_by_one.merge(u2)
+    assert together.version == one_by_one.version == 2
+    # fp32 merges in another order: within the tolerance the server's sync guard allows
+    assert together.fingerprint() == pytest.approx(one_by_one.fingerprint(), rel=FINGERPRINT_TOLERANCE)
+    a, b = _tensors(together), _tensors(one_by_one)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    # what travels survives the wire form
+    again = method.update_type.from_flat(method.update_type.combine([u1, u2]).to_flat(), span=2)
+    fresh = _client(method)[0]
+    fresh.merge(again)
+    assert fresh.fingerprint() == pytest.approx(together.fingerprint(), rel=FINGERPRINT_TOLERANCE)
+
+
+@pytest.mark.parametrize(("name", "model", "task"), CASES)
+def test_training_keeps_the_version_and_frozen_part(name: str, model: str, task: str) -> None:
+    from pollinate import workload
+    from pollinate.data import encode_dataset
+
+    method = _method(name, model, task)
+    trainee, plan = _client(method)
+    trainee.merge(method.sample_update(trainee, 1))
+    version, frozen = trainee.version, trainee.fingerprint()
+    share = workload.shares(method.cfg, method.calibration_size())[0]  # type: ignore[attr-defined]
+    examples = encode_dataset(share, trainee.tokenizer, task, plan.seq_len)
+    before = trainee.upload()
+    result = trainee.train(examples, method.spec(plan), seed=0)
+    assert result.loss > 0 and result.examples == method.spec(plan).steps * method.spec(plan).batch_size
+    assert trainee.version == version and trainee.fingerprint() == frozen
+    assert any(not torch.equal(before[k], v) for k, v in trainee.upload().items())  # something trained
+
+
+@pytest.mark.parametrize(("name", "model", "task"), CASES)
+def test_estimates_rise_with_batch_and_sequence_length(name: str, model: str, task: str) -> None:
+    method = _method(name, model, task)
+    dims = method.dims()
+    plans = method.candidates(dims, 0)
+    base = plans[0]
+    import dataclasses
+
+    bigger_batch = dataclasses.replace(base, micro_batch=base.micro_batch * 2)
+    longer = dataclasses.replace(base, seq_len=base.seq_len * 2)
+    est = method.estimate(dims, base).total
+    assert method.estimate(dims, bigger_batch).total > est
+    assert method.estimate(dims, longer).total > est
+    assert all(p.effective_batch == base.effective_batch for p in plans)
+
+
+@pytest.mark.parametrize(("name", "model", "task"), CASES)
+def test_a_saved_server_checkpoint_exports(name: str, model: str, task: str, tmp_path: Path) -> None:
+    from pollinate.edge.export import export_bundle
+    from pollinate.edge.runtime import EdgeModel
+
+    method = _method(name, model, task)
+    server = method.server()
+    server.merge(method.sample_update(server, 1))
+    run = tmp_path / "run"
+    folder = run / "checkpoints" / "round-0001"
+    folder.mkdir(parents=True)
+    server.save(folder)
+    (run / "config.json").write_text(json.dumps(method.cfg.to_run_config()))  # type: ignore[attr-defined]
+    (folder / "manifest.json").write_text(json.dumps(
+        {"method": method.name, "export": {"base_delta": method.export_view().base_delta}}))
+    (run / "LATEST").write_text("checkpoints/round-0001\n")
+    bundle = tmp_path / "bundle"
+    export_bundle(run, bundle)
+    edge = EdgeModel(bundle)
+    assert edge is not None
