@@ -114,15 +114,17 @@ class PollinateStrategy(FedAvg):
         """The record of the updates since ``since`` (< version), built afresh."""
         return protocol.to_record(self.method.update_type.combine(self.history[since:]).to_flat())
 
-    def node_message(self, node_id: int, arrays: ArrayRecord, config: ConfigRecord, since: int,
+    def node_message(self, node_id: int, arrays: ArrayRecord | None, config: ConfigRecord, since: int,
                      message_type: str = "train") -> Message:
-        """An instruction for one node, with the updates it lacks."""
+        """An instruction for one node, with the updates it lacks (and the global state, if any)."""
         base, since = self.base_record(since)
         record = RecordDict({
-            protocol.ARRAYS: arrays, protocol.BASE: base,
+            protocol.BASE: base,
             protocol.CONFIG: ConfigRecord({**config, protocol.BASE_FROM: since,
                                            protocol.BASE_TO: self.version}),
         })
+        if arrays is not None:  # a setup exchange sends no state
+            record[protocol.ARRAYS] = arrays
         return Message(content=record, message_type=message_type, dst_node_id=node_id)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

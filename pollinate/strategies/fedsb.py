@@ -34,10 +34,14 @@ class FedSb(PollinateStrategy):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        """Equal ranks only: every R must have the same side."""
+        """Equal ranks only, and a rank every target layer can hold (from the model's shapes alone)."""
         if cfg.lora.ranks:
             raise ValueError(f"lora.ranks: {cfg.lora.ranks!r} is not allowed with strategy 'fedsb'; "
                              "every client trains the same r×r matrices: set fedsb.rank instead")
+        smallest = min(min(t.in_features, t.out_features) for t in LoraSbMethod(cfg).dims().targets)
+        if cfg.fedsb.rank > smallest:
+            raise ValueError(f"fedsb.rank: {cfg.fedsb.rank} is not allowed; it must be at most {smallest}, "
+                             "the smallest dimension of the target layers")
 
     def setup(self, server: LoraSbTrainee, exchange: Exchange, grid: Grid,  # type: ignore[override]
               config: ConfigRecord) -> None:
@@ -52,7 +56,7 @@ class FedSb(PollinateStrategy):
         """Ask every node for its share's gradient sums once, and add them up."""
         setup = ConfigRecord({**config, protocol.SETUP: "fedsb-init"})
         sampled = super().configure_train(0, ArrayRecord(), setup, grid)
-        messages = [self.node_message(m.metadata.dst_node_id, ArrayRecord(), setup, 0, "query")
+        messages = [self.node_message(m.metadata.dst_node_id, None, setup, 0, "query")
                     for m in sampled]
         replies = [r for r in exchange(messages) if not r.has_error()]
         if not replies:
