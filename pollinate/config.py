@@ -19,12 +19,12 @@ from typing import Any
 from pollinate.catalog import GENERATION, PARTITIONERS, TASKS, default_dataset
 from pollinate.methods.lora.settings import LoraSettings
 from pollinate.methods.lora_sb.settings import FedSbSettings
-from pollinate.methods.settings import AUTO, DEFAULT_TARGETS, fail, key, positive
+from pollinate.methods.settings import AUTO
+from pollinate.methods.settings import fail as _fail
+from pollinate.methods.settings import key as _key
+from pollinate.methods.settings import positive as _positive
 
 Scalar = bool | int | float | str
-
-_key, _fail, _positive = key, fail, positive
-
 
 @dataclass(frozen=True)
 class DataFields:

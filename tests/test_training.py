@@ -3,8 +3,8 @@
 import torch
 
 from pollinate import models
-from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
 from pollinate.data import encode_generation
+from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
 from pollinate.training import train_local
 
 

@@ -104,8 +104,8 @@ def _measure_main(request_json: str) -> None:
     import peft  # noqa: F401  # part of the runtime baseline, like torch and transformers
 
     from pollinate import models
-    from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
     from pollinate.client.memory import peak_bytes, reset_peak
+    from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
     from pollinate.training import enable_checkpointing, train_local
 
     plan = LoraPlan(**request["plan"])

@@ -297,7 +297,8 @@ def export_adapter(source: Path, bundle: Path, out: Path, *, sign_key: Path | No
     _check_same_base(checkpoint, bundle_manifest.base, bundle)
     if checkpoint.base_delta_sha256 != bundle_manifest.base.base_delta_sha256:
         raise ValueError(f"--adapter-for: checkpoint {str(checkpoint.folder)!r} was trained on a base with "
-                         f"other merged updates ({checkpoint.base_delta}) than bundle {str(bundle)!r}; export the "
+                         f"other merged updates ({checkpoint.base_delta}) than bundle {str(bundle)!r}; "
+                         "export the "
                          "base again from this checkpoint")
     peft_adapter = read_adapter(checkpoint.folder)
     tensors = adapter_tensors(peft_adapter)

@@ -16,8 +16,8 @@ Two adapter modes:
     its adapter file (``pollinate export CHECKPOINT --adapter-for BUNDLE``).
 
 Updates a strategy merged into the base weights during the federation (the file the checkpoint's
-``manifest.json`` names, from the method's export view) are applied to the base before anything else: they are part of the base
-that the bundle's identity (``weights_sha256``) and its adapters refer to.
+``manifest.json`` names, from the method's export view) are applied to the base before anything else:
+they are part of the base that the bundle's identity (``weights_sha256``) and its adapters refer to.
 """
 
 from __future__ import annotations

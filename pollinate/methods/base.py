@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # torch only for the types: the registry and `pollinate --hel
     from torch import Tensor, nn
     from transformers import PreTrainedTokenizerBase
 
+    from pollinate.config import RunConfig
     from pollinate.methods.plan import Estimate, ModelDims, Plan
     from pollinate.training import TrainResult
 
@@ -61,8 +62,10 @@ class Exportable:
 class Update(Protocol):
     """What every node folds into its frozen part, in round order."""
 
-    span: int
-    """How many updates this one stands for (a combined catch-up spans several)."""
+    @property
+    def span(self) -> int:
+        """How many updates this one stands for (a combined catch-up spans several)."""
+        ...
 
     @classmethod
     def combine(cls, updates: Sequence[Self]) -> Self:
@@ -99,7 +102,7 @@ class Trainee(Protocol):
         """The tensors (or scalars) that travel to the server: detached fp32 copies."""
         ...
 
-    def merge(self, update: Update) -> None:
+    def merge(self, update: Any) -> None:  # the method's own Update type
         """Fold ``update`` into the frozen part; ``version`` grows by its span."""
         ...
 
@@ -120,7 +123,10 @@ class Method(Protocol):
     """The run-config table of its settings (``lora``, ``fedsb``)."""
     title: ClassVar[str]
     """The name people know it by, for messages (``"LoRA"``, ``"LoRA-SB"``)."""
-    update_type: ClassVar[type[Update]]
+    update_type: ClassVar[Any]
+    """The method's :class:`Update` class."""
+    cfg: RunConfig
+    """The run configuration it was built from."""
 
     def calibration_size(self) -> int:
         """Examples of the training pool the server keeps for itself (no client holds them)."""
@@ -150,11 +156,11 @@ class Method(Protocol):
         """The server's trainee: it evaluates, merges and saves the global state."""
         ...
 
-    def initial_state(self, server: Trainee) -> dict[str, Tensor]:
+    def initial_state(self, server: Any) -> dict[str, Tensor]:  # the method's own trainee
         """What every client receives in round 1, from the server's trainee."""
         ...
 
-    def sample_update(self, trainee: Trainee, seed: int) -> Update:
+    def sample_update(self, trainee: Any, seed: int) -> Any:  # its own trainee and Update types
         """A valid random update for ``trainee``, drawn from ``seed`` (contract tests, benchmarks)."""
         ...
 

@@ -156,8 +156,8 @@ def _target_shapes(linears: list[tuple[str, nn.Linear]], targets: Sequence[str],
     counts: dict[tuple[str, int, int], int] = {}
     for short, module in linears:
         if short in targets:
-            key = (short, module.in_features, module.out_features)
-            counts[key] = counts.get(key, 0) + 1
+            shape = (short, module.in_features, module.out_features)
+            counts[shape] = counts.get(shape, 0) + 1
     unknown = [t for t in targets if not any(k[0] == t for k in counts)]
     if unknown or not targets:
         allowed = ", ".join(sorted({short for short, _ in linears}))
@@ -215,7 +215,8 @@ class Plan:
         """One line: ``"lora rank 8, batch 2 x 4, 128 tokens, checkpointing"``."""
         ckpt = ", checkpointing" if self.checkpointing else ""
         own = f" {self.choices()}" if self.choices() else ""
-        return f"{self.method}{own}, batch {self.micro_batch} x {self.grad_accum}, {self.seq_len} tokens{ckpt}"
+        batch = f"batch {self.micro_batch} x {self.grad_accum}"
+        return f"{self.method}{own}, {batch}, {self.seq_len} tokens{ckpt}"
 
 
 @dataclass(frozen=True)

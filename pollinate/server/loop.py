@@ -138,8 +138,12 @@ class Federation:
         """The strategy's setup exchange before round 1; its updates reach the server's trainee."""
         config = protocol.config_record(self.cfg.to_run_config(), 0)
 
-        def exchange(messages: list[Message]) -> list[Message]:
-            return collect(grid, messages, self.progress)
+        def exchange(messages: list[Message]) -> list[Message]:  # its bytes count in the totals
+            replies = collect(grid, messages, self.progress)
+            self.totals.bytes_down += sum(downlink_bytes(m) for m in messages)
+            self.totals.bytes_up += sum(protocol.wire_bytes(protocol.arrays_of(r)) for r in replies
+                                        if not r.has_error() and protocol.ARRAYS in r.content.array_records)
+            return replies
 
         self.strategy.setup(self.model.trainee, exchange, grid, config)
         self.catch_up_server()

@@ -17,10 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from pollinate import protocol
-from pollinate.config import RunConfig
-from pollinate.methods.lora_sb.method import LoraSbMethod, LoraSbTrainee
 from pollinate.aggregation import weighted_average
+from pollinate.config import RunConfig
 from pollinate.methods.lora_sb.layer import R_KEY
+from pollinate.methods.lora_sb.method import LoraSbMethod, LoraSbTrainee
 from pollinate.methods.lora_sb.rules import average_r
 from pollinate.protocol import ClientReport
 from pollinate.strategies.base import Aggregate, Exchange, PollinateStrategy, weights_of
@@ -52,7 +52,8 @@ class FedSb(PollinateStrategy):
             sums = self._federated_sums(exchange, grid, config)
         self.commit(self.method.factors(sums))
 
-    def _federated_sums(self, exchange: Exchange, grid: Grid, config: ConfigRecord) -> dict[str, torch.Tensor]:
+    def _federated_sums(self, exchange: Exchange, grid: Grid, config: ConfigRecord
+                        ) -> dict[str, torch.Tensor]:
         """Ask every node for its share's gradient sums once, and add them up."""
         setup = ConfigRecord({**config, protocol.SETUP: "fedsb-init"})
         sampled = super().configure_train(0, ArrayRecord(), setup, grid)

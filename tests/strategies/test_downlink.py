@@ -2,10 +2,10 @@
 
 import torch
 
-from pollinate.aggregation import Delta
-from pollinate.methods.lora.update import LowRankUpdate
 from pollinate import protocol as wire
+from pollinate.aggregation import Delta
 from pollinate.config import RunConfig
+from pollinate.methods.lora.update import LowRankUpdate
 from pollinate.strategies import build_strategy
 
 CFG = RunConfig.from_run_config({"model": "tiny-llama", "strategy": "flora", "num-clients": 3,

@@ -13,7 +13,6 @@ from pollinate import workload
 from pollinate.aggregation import normalised_weights
 from pollinate.cli import main
 from pollinate.config import RunConfig
-from pollinate.data import encode_dataset
 from pollinate.methods.lora_sb.method import STATE_FILE, FrozenFactors, LoraSbMethod, LoraSbTrainee
 from pollinate.protocol import ClientReport
 from pollinate.strategies import FedSb, build_strategy
@@ -88,7 +87,8 @@ def test_the_payload_does_not_grow_with_the_number_of_clients() -> None:
         upload = {key: v + k for key, v in state.items()}
         return ClientReport(node=k, examples=k + 1, loss=1.0, seconds=0.0, plan={}, method_figures={},
                             peak=0, process_peak=0, baseline=0, budget=None, estimate=0, examples_seen=0,
-                            tokens_seen=0, bytes_up=0, bytes_down=0, version=1, fingerprint=0.0, upload=upload)
+                            tokens_seen=0, bytes_up=0, bytes_down=0, version=1, fingerprint=0.0,
+                            upload=upload)
 
     sizes = [sum(v.numel() for v in strategy.combine([report(k) for k in range(n)]).state.values())
              for n in (2, 5)]

@@ -95,7 +95,7 @@ class LoraTrainee:
         """What every client receives in round 1 (this variant's choice)."""
         return self.variant.initial_state(self.adapter, self.model)
 
-    def merge(self, update: LowRankUpdate) -> None:  # type: ignore[override]
+    def merge(self, update: LowRankUpdate) -> None:
         """W ← W + ΔW under every adapted layer."""
         apply_delta(self.adapter.base_weights(self.model), update.delta)
         self.version += update.span
@@ -178,7 +178,7 @@ class LoraMethod:
         """What every client receives in round 1."""
         return server.initial_state()
 
-    def sample_update(self, trainee: LoraTrainee, seed: int) -> LowRankUpdate:  # type: ignore[override]
+    def sample_update(self, trainee: LoraTrainee, seed: int) -> LowRankUpdate:
         """A random rank-2 delta on every adapted layer, about the size a merged round has."""
         gen = torch.Generator().manual_seed(seed)
         return LowRankUpdate({name: Delta(left=0.01 * torch.randn(w.shape[0], 2, generator=gen),  # (m, 2)

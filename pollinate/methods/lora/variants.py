@@ -76,4 +76,5 @@ class Truncated(Shared):
              seed: int) -> None:
         """Truncate the global adapter to this client's rank, its scale re-expressed."""
         rank, alpha = adapter.config.rank, adapter.config.alpha
-        adapter.load_state(model, truncate(LoraFactors.from_state(state, alpha), rank, alpha / rank).to_state())
+        own = truncate(LoraFactors.from_state(state, alpha), rank, alpha / rank)
+        adapter.load_state(model, own.to_state())

@@ -26,7 +26,7 @@ from pollinate.data import CLASSIFICATION, collate, encode_dataset
 from pollinate.methods.base import Example, Exportable, TrainSpec
 from pollinate.methods.lora.memory import LoraEstimator
 from pollinate.methods.lora_sb.init import init_factors, target_gradients
-from pollinate.methods.lora_sb.layer import A_KEY, B_KEY, R_KEY, Factors, install_factors, sb_layers, wrap
+from pollinate.methods.lora_sb.layer import A_KEY, B_KEY, R_KEY, Factors, install_factors, wrap
 from pollinate.methods.plan import Estimate, ModelDims, Plan, micro_batches, model_dims, seq_len_steps
 from pollinate.training import TrainResult, enable_checkpointing, train_local
 
@@ -61,7 +61,8 @@ class FrozenFactors:
     def from_flat(cls, flat: Mapping[str, torch.Tensor], *, span: int = 1) -> Self:
         """The inverse of :meth:`to_flat`."""
         names = [k[: -len(A_KEY) - 1] for k in flat if k.endswith(f".{A_KEY}")]
-        return cls({n: (flat[f"{n}.{A_KEY}"], flat[f"{n}.{B_KEY}"], flat[f"{n}.{R0_KEY}"]) for n in names}, span)
+        factors = {n: (flat[f"{n}.{A_KEY}"], flat[f"{n}.{B_KEY}"], flat[f"{n}.{R0_KEY}"]) for n in names}
+        return cls(factors, span)
 
 
 class LoraSbTrainee:
@@ -106,14 +107,15 @@ class LoraSbTrainee:
         """Every R (``<module>.sb_R``, r×r) and a trained head: fp32 copies."""
         return {n: p.detach().to(torch.float32).clone() for n, p in self._trainable().items()}
 
-    def merge(self, update: FrozenFactors) -> None:  # type: ignore[override]
+    def merge(self, update: FrozenFactors) -> None:
         """Install A, B and R0 on every layer."""
         install_factors(self.model, update.factors)
         self.version += update.span
 
     def fingerprint(self) -> float:
         """Of A and B on every layer (0.0 before they are installed)."""
-        return fingerprint({f"{n}.{k}": getattr(m, k) for n, m in self.layers.items() for k in (A_KEY, B_KEY)})
+        frozen = {f"{n}.{k}": getattr(m, k) for n, m in self.layers.items() for k in (A_KEY, B_KEY)}
+        return fingerprint(frozen)
 
     def gradient_sums(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Σ over ``examples`` (one at a time, so any grouping gives the same sum) of ∂loss/∂W per layer."""
@@ -194,18 +196,18 @@ class LoraSbMethod:
         """The server's trainee."""
         return LoraSbTrainee(self.cfg)
 
-    def initial_state(self, server: LoraSbTrainee) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def initial_state(self, server: LoraSbTrainee) -> dict[str, torch.Tensor]:
         """R0 (and the initial head) once the factors are installed."""
         return server.upload()
 
-    def sample_update(self, trainee: LoraSbTrainee, seed: int) -> FrozenFactors:  # type: ignore[override]
+    def sample_update(self, trainee: LoraSbTrainee, seed: int) -> FrozenFactors:
         """Random orthonormal A and B (QR of Gaussians) and a small random R0 on every layer."""
         gen = torch.Generator().manual_seed(seed)
         factors = {}
         for name, m in trainee.layers.items():
             r, (out, inp) = m.rank, m.base.weight.shape
             b = torch.linalg.qr(torch.randn(out, r, generator=gen)).Q  # (m, r), orthonormal columns
-            a = torch.linalg.qr(torch.randn(inp, r, generator=gen)).Q.T.contiguous()  # (r, n), orthonormal rows
+            a = torch.linalg.qr(torch.randn(inp, r, generator=gen)).Q.T.contiguous()  # (r, n): orthonormal
             factors[name] = (a, b, 0.01 * torch.randn(r, r, generator=gen))
         return FrozenFactors(factors)
 
