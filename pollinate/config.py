@@ -79,13 +79,13 @@ class RunConfig:
     dirichlet_alpha: float = field(default=0.5, metadata=_key("dirichlet-alpha"))
     num_clients: int = field(default=4, metadata=_key("num-clients"))
     rounds: int = field(default=3, metadata=_key("rounds"))
-    local_steps: int = field(default=10, metadata=_key("local-steps"))
+    local_steps: int = field(default=5, metadata=_key("local-steps"))
     batch_size: int = field(default=4, metadata=_key("batch-size"))
     max_seq_len: int = field(default=64, metadata=_key("max-seq-len"))
-    lr: float = field(default=1e-3, metadata=_key("lr"))
+    lr: float = field(default=3e-3, metadata=_key("lr"))
     seed: int = field(default=0, metadata=_key("seed"))
     strategy: str = field(default="fedit", metadata=_key("strategy"))
-    eval_examples: int = field(default=32, metadata=_key("eval-examples"))
+    eval_examples: int = field(default=24, metadata=_key("eval-examples"))
     """Size of the held-out split that no client sees; the server evaluates on it."""
     save_updates: bool = field(default=False, metadata=_key("save-updates"))
     """Keep every accepted client update in the round's checkpoint (audits, exactness tests)."""

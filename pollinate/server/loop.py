@@ -44,6 +44,9 @@ class Totals:
     rejected: int = 0
     failed: int = 0
     over_budget: int = 0
+    train_seconds: float = 0.0
+    """Clients' own training time, summed (the s/step a user compares between machines)."""
+    train_steps: int = 0
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
@@ -189,6 +192,8 @@ class Federation:
             kept.append(report)
             accepted.append(event)
             self.totals.over_budget += int(report.over_budget)
+            self.totals.train_seconds += report.seconds
+            self.totals.train_steps += self.cfg.local_steps
         return kept, accepted
 
     def train_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
@@ -262,6 +267,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         "bytes_up_total": fed.totals.bytes_up, "bytes_down_total": fed.totals.bytes_down,
         "rejected_updates": fed.totals.rejected, "over_budget_clients": fed.totals.over_budget,
         "failed_clients": fed.totals.failed,
+        "seconds_per_step": fed.totals.train_seconds / max(fed.totals.train_steps, 1),
         "wall_seconds": time.perf_counter() - start,
     }
     run_dir.write_json("summary.json", summary)

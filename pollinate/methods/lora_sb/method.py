@@ -223,8 +223,8 @@ class LoraSbMethod:
         return encode_dataset(calibration, server.tokenizer, self.cfg.task, self.cfg.max_seq_len)
 
     def factors(self, grad_sums: Mapping[str, torch.Tensor]) -> FrozenFactors:
-        """The update from summed target gradients: Ĝ = −η·sign(ΣG), its rank-r SVD (init.py)."""
-        return FrozenFactors(init_factors(grad_sums, self.cfg.fedsb.rank, self.cfg.fedsb.lr))
+        """The update from summed target gradients: Ĝ = −η·sign(ΣG) (η = init-lr), its rank-r SVD."""
+        return FrozenFactors(init_factors(grad_sums, self.cfg.fedsb.rank, self.cfg.fedsb.init_lr))
 
     def setup_reply(self, trainee: LoraSbTrainee, examples: Sequence[Example], request: str
                     ) -> dict[str, torch.Tensor]:

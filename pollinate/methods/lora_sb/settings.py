@@ -24,12 +24,16 @@ class FedSbSettings:
     init_examples: int = field(default=32, metadata=key("init-examples"))
     """Examples the initial gradient sums over (server) or each client contributes at most (federated)."""
     lr: float = field(default=5e-3, metadata=key("lr"))
-    """Learning rate of R (AdamW), and η of the initial step Ĝ = −η·sign(ΣG)."""
+    """Learning rate of R (AdamW)."""
+    init_lr: float = field(default=2e-4, metadata=key("init-lr"))
+    """η of the approximated first step Ĝ = −η·sign(ΣG) that A, B and R0 come from: a full fine-tuning
+    learning rate (the step touches every weight of the target layers, so it is far below ``lr``)."""
 
     def __post_init__(self) -> None:
         positive("fedsb.rank", self.rank)
         positive("fedsb.init-examples", self.init_examples)
         positive("fedsb.lr", self.lr)
+        positive("fedsb.init-lr", self.init_lr)
         if self.init not in INITS:
             raise fail("fedsb.init", self.init, f"allowed: {', '.join(INITS)}")
 
