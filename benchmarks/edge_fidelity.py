@@ -47,6 +47,7 @@ def torch_reference(run: Path, out: Path, threads: int) -> dict[str, Any]:
     from pollinate.config import RunConfig
     from pollinate.data import encode_dataset, encode_prompt
     from pollinate.edge.adapters import resolve_checkpoint
+    from pollinate.edge.export import apply_base_delta
     from pollinate.training import greedy_generate
 
     torch.set_num_threads(threads)
@@ -54,6 +55,7 @@ def torch_reference(run: Path, out: Path, threads: int) -> dict[str, Any]:
     known = set(RunConfig().to_run_config())
     cfg = RunConfig.from_run_config({k: v for k, v in checkpoint.run_config.items() if k in known})
     base, tokenizer = workload.base_model(cfg)
+    apply_base_delta(base, checkpoint.base_delta)  # what flora / fedex merged into the base
     model = PeftModel.from_pretrained(base, str(checkpoint.folder)).merge_and_unload().eval()
     heldout = workload.splits(cfg)[1]
     encoded = encode_dataset(heldout, tokenizer, cfg.task, cfg.max_seq_len)

@@ -31,12 +31,14 @@ def torch_generator(run: Path, threads: int) -> Generate:
     from transformers.cache_utils import DynamicCache
 
     from pollinate.edge.adapters import resolve_checkpoint
+    from pollinate.edge.export import apply_base_delta
     from pollinate.models import load_model
 
     torch.set_num_threads(threads)
     checkpoint = resolve_checkpoint(run)
     cfg = checkpoint.run_config
     base, _ = load_model(cfg["model"], cfg["task"], seed=int(cfg.get("seed", 0)))
+    apply_base_delta(base, checkpoint.base_delta)  # what flora / fedex merged into the base
     model = PeftModel.from_pretrained(base, str(checkpoint.folder)).merge_and_unload().eval()
 
     @torch.inference_mode()

@@ -1,79 +1,235 @@
-"""Fed-SB against FedIT on SmolLM2 + chatterbot (natural split): bytes per client per round and eval loss.
+"""Fed-SB against FedIT, FLoRA and FedEx-LoRA: bytes per client per round, eval loss, client memory.
 
-Real ``pollinate simulate`` runs of the default configuration (4 clients, 3 rounds of 5 local steps of
-4 x 64 tokens), fedit at rank 8 against fedsb at ``--ranks`` (default 16 and 8), for every ``--seeds``.
-Measured: ``bytes_up`` / ``bytes_down`` of every client event (what Flower serialises), the held-out
-eval loss after every round. Bytes per round are the mean over clients of rounds 2.. (round 1 of fedsb
-also carries the one-time A, B and R0 down, reported apart). Goal (issue 9): fedsb sends at least 9x
-fewer bytes per round than fedit at equal or better final eval loss. The learning rates are the
-defaults (lr 3e-3 for fedit, fedsb.lr 5e-3); this script makes no sweep.
+Real ``pollinate simulate`` runs, one process each, every variant over every ``--seeds``:
 
-    python benchmarks/fedsb.py [--seeds 0 1 2] [--ranks 16 8] [--out docs/benchmarks-fedsb.md]
+* ``--setting smollm2``: SmolLM2-135M-Instruct on chatterbot (natural split), the default demo
+  configuration (4 clients, 3 rounds of 5 local steps of 4 x 64 tokens);
+* ``--setting minilm``: MiniLM-L6 on Rotten Tomatoes, 10 Dirichlet(0.5) clients, the settings of
+  ``strategies_quality.py`` (4 rounds of 10 steps of 16 x 64 tokens, 500 held-out examples).
+
+Variants: fedit, flora and fedex at LoRA rank 8, fedsb at ``--ranks``. Measured: ``bytes_up`` /
+``bytes_down`` of every client event (what Flower serialises), mean over clients of rounds 2.. (round 1
+of fedsb also carries the one-time A, B and R0 down, reported apart), and the held-out eval loss (and
+accuracy) after every round. Goal (issue 9): fedsb sends at least 9x fewer bytes per round than fedit at
+equal or better final eval loss.
+
+``--lr-sweep`` first tries each strategy at ``--sweep-lrs`` on one seed that is not a reporting seed
+(so its held-out split is another draw) and then runs every variant at its best lr. ``--rounds`` changes
+the number of rounds (the 10-round setting). ``--memory`` measures a LoRA client's and a LoRA-SB
+client's peak at the same plan in fresh processes (``pollinate.client.measure``).
+
+    python benchmarks/fedsb.py --setting smollm2 --seeds 0 1 2
+    python benchmarks/fedsb.py --setting minilm --seeds 0 1 2 --lr-sweep
+    python benchmarks/fedsb.py --setting minilm --seeds 0 --rounds 10
+    python benchmarks/fedsb.py --memory
+
+Finished runs are kept in ``benchmarks/results/fedsb-<setting>.json`` (an interrupted run resumes);
+``docs/benchmarks-fedsb.md`` is rebuilt from every results file present.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import events_of, machine, read_events, read_summary, run_simulate, save_result, table
+from common import REPO, RESULTS, events_of, machine, read_events, run_simulate, table
 
-NAME = "fedsb"
+DOC = REPO / "docs" / "benchmarks-fedsb.md"
+SETTINGS: dict[str, dict[str, Any]] = {
+    "smollm2": {},  # the defaults of pyproject.toml: the demo
+    "minilm": {"model": "minilm-l6", "task": "classification", "dataset": "rotten-tomatoes",
+               "partitioner": "dirichlet", "dirichlet-alpha": 0.5, "num-clients": 10, "rounds": 4,
+               "local-steps": 10, "batch-size": 16, "max-seq-len": 64, "lr": 0.002,
+               "eval-examples": 500, "sim.workers": 2},
+}
+LORA = ("fedit", "flora", "fedex")
+SWEEP_SEED = 100  # not a reporting seed: its held-out split is another random draw
+
+
+def variants(ranks: list[int]) -> dict[str, dict[str, Any]]:
+    """Label -> the run-config keys of that variant."""
+    out: dict[str, dict[str, Any]] = {f"{s} r8": {"strategy": s, "lora.rank": 8} for s in LORA}
+    out.update({f"fedsb r{r}": {"strategy": "fedsb", "fedsb.rank": r} for r in ranks})
+    return out
+
+
+def lr_key(strategy: str) -> str:
+    """The run-config key of a strategy's learning rate."""
+    return "fedsb.lr" if strategy == "fedsb" else "lr"
 
 
 def one_run(settings: dict[str, Any]) -> dict[str, Any]:
-    """Run once; per-round eval loss and bytes per client."""
+    """Run once; eval per round and bytes per client per round."""
     with tempfile.TemporaryDirectory() as work:
         done = run_simulate(settings, Path(work))
-        events, summary = read_events(done["run_dir"]), read_summary(done["run_dir"])
+        events = read_events(done["run_dir"])
     clients = [e for e in events if e["event"] == "client"]
-    later = [e for e in clients if e["round"] > 1]
-    first = [e for e in clients if e["round"] == 1]
+    later = [e for e in clients if e["round"] > 1] or clients
+    evals = events_of(events, "evaluate")
     return {
-        "eval": [events_of(events, "evaluate")[r]["loss"] for r in range(summary["rounds_completed"] + 1)],
+        "settings": settings, "eval": [evals[r]["loss"] for r in sorted(evals)],
+        "accuracy": [evals[r].get("accuracy") for r in sorted(evals)],
         "up": statistics.mean(e["bytes_up"] for e in later),
         "down": statistics.mean(e["bytes_down"] for e in later),
-        "down_round1": statistics.mean(e["bytes_down"] for e in first),
+        "down_round1": statistics.mean(e["bytes_down"] for e in clients if e["round"] == 1),
         "wall_seconds": done["wall_seconds"],
     }
 
 
+def results_path(setting: str, rounds: int | None) -> Path:
+    return RESULTS / f"fedsb-{setting}{f'-r{rounds}' if rounds else ''}.json"
+
+
+def load(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text())) if path.exists() else {"runs": {}, "sweep": {}}
+
+
+def save(path: Path, out: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+
+def sweep(base: dict[str, Any], lrs: list[float], out: dict[str, Any], path: Path) -> dict[str, float]:
+    """Each strategy's best lr by final eval loss on the sweep seed."""
+    best = {}
+    for strategy in (*LORA, "fedsb"):
+        for lr in lrs:
+            label = f"{strategy} lr {lr:g}"
+            if label not in out["sweep"]:
+                extra = {"lora.rank": 8} if strategy in LORA else {"fedsb.rank": 16}
+                out["sweep"][label] = one_run({**base, **extra, "strategy": strategy,
+                                               lr_key(strategy): lr, "seed": SWEEP_SEED})
+                save(path, out)
+        finals = {lr: out["sweep"][f"{strategy} lr {lr:g}"]["eval"][-1] for lr in lrs}
+        best[strategy] = min(finals, key=lambda lr: finals[lr])
+    return best
+
+
+def run_setting(args: argparse.Namespace) -> None:
+    base = {**SETTINGS[args.setting], **({"rounds": args.rounds} if args.rounds else {})}
+    path = results_path(args.setting, args.rounds)
+    out = load(path)
+    best = sweep(base, args.sweep_lrs, out, path) if args.lr_sweep else {}
+    out["best_lr"] = best
+    for label, keys in variants(args.ranks).items():
+        strategy = keys["strategy"]
+        lr = {lr_key(strategy): best[strategy]} if strategy in best else {}
+        for seed in args.seeds:
+            key = f"{label} seed {seed}"
+            if key not in out["runs"]:
+                result = one_run({**base, **keys, **lr, "seed": seed})
+                out["runs"][key] = {"label": label, "seed": seed, **result}
+                save(path, out)
+    out["machine"] = machine()
+    save(path, out)
+
+
+def mean_sd(values: list[float], spec: str = ".3f") -> str:
+    if len(values) == 1:
+        return f"{values[0]:{spec}}"
+    return f"{statistics.mean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+
+
+def setting_section(name: str, out: dict[str, Any]) -> list[str]:
+    labels = list(dict.fromkeys(r["label"] for r in out["runs"].values()))
+    by = {lab: [r for r in out["runs"].values() if r["label"] == lab] for lab in labels}
+    seeds = sorted({r["seed"] for r in out["runs"].values()})
+    fedit_up = statistics.mean(r["up"] for r in by.get("fedit r8", [])) if "fedit r8" in by else None
+    rows, curves = [], []
+    for lab, runs in by.items():
+        acc = [r["accuracy"][-1] for r in runs if r["accuracy"][-1] is not None]
+        up = statistics.mean(r["up"] for r in runs)
+        rows.append([lab, mean_sd([r["eval"][-1] for r in runs]), mean_sd(acc) if acc else "-",
+                     f"{up / 1e3:.1f}", f"{statistics.mean(r['down'] for r in runs) / 1e3:.1f}",
+                     f"{statistics.mean(r['down_round1'] for r in runs) / 1e6:.2f}",
+                     f"{fedit_up / up:.1f}x" if fedit_up else "-"])
+        n = len(runs[0]["eval"])
+        curves.append([lab, *(f"{statistics.mean(r['eval'][i] for r in runs):.3f}" for i in range(n))])
+    lines = [f"## {name}", "", f"Seeds {seeds}; {len(curves[0]) - 1} rounds; best lr from the sweep: "
+             f"{out.get('best_lr') or 'no sweep (the defaults)'}.", "",
+             table(["run", "final eval loss", "final accuracy", "kB up / client / round",
+                    "kB down / client / round", "MB down in round 1", "fewer bytes up than fedit"], rows),
+             "", "Mean eval loss per round (round 0: before training):", "",
+             table(["run", *(f"round {i}" for i in range(len(curves[0]) - 1))], curves), ""]
+    if out.get("sweep"):
+        sweep_rows = [[k, f"{v['eval'][-1]:.3f}"] for k, v in out["sweep"].items()]
+        lines += [f"Learning-rate sweep (seed {SWEEP_SEED}, final eval loss):", "",
+                  table(["run", "final eval loss"], sweep_rows), ""]
+    return lines
+
+
+def memory(args: argparse.Namespace) -> None:
+    """A LoRA r8 client's peak against a LoRA-SB client's at the same plan (SmolLM2, 4 x 64)."""
+    from pollinate.client.measure import measure_method_peak
+    from pollinate.config import RunConfig
+    from pollinate.methods import build
+    from pollinate.methods.lora.method import LoraPlan
+    from pollinate.methods.plan import Plan
+
+    rows = {}
+    for label, method, plan, keys in (
+            ("lora r8", "lora", LoraPlan("lora", 4, 1, 64, False, rank=8), {"lora.rank": 8}),
+            ("lora_sb r16", "lora_sb", Plan("lora_sb", 4, 1, 64, False), {"fedsb.rank": 16})):
+        settings = {"model": "smollm2-135m-instruct", **keys}
+        measured = measure_method_peak(method, settings, plan)
+        estimate = build(method, RunConfig.from_run_config(settings)).estimate(
+            build(method, RunConfig.from_run_config(settings)).dims(), plan).total
+        rows[label] = {"peak": measured.peak, "estimate": estimate, "seconds": measured.seconds}
+    out = {"memory": rows, "machine": machine()}
+    save(RESULTS / "fedsb-memory.json", out)
+
+
+def memory_section(out: dict[str, Any]) -> list[str]:
+    rows = [[k, f"{v['peak'] / 1e6:.0f}", f"{v['estimate'] / 1e6:.0f}", f"{v['estimate'] / v['peak']:.2f}",
+             f"{v['seconds'] / 3:.2f}"] for k, v in out["memory"].items()]
+    lora, sb = out["memory"]["lora r8"]["peak"], out["memory"]["lora_sb r16"]["peak"]
+    return ["## Client memory (SmolLM2, 4 x 64 tokens, no checkpointing, one thread)", "",
+            table(["client", "measured peak MB", "estimate MB", "estimate / measured", "s / step"], rows),
+            "", f"LoRA-SB / LoRA peak: {sb / lora:.2f}.", ""]
+
+
+def write_doc() -> None:
+    lines = ["# Fed-SB (benchmarks/fedsb.py)", "",
+             "Fed-SB against FedIT, FLoRA and FedEx-LoRA. Every figure is read from "
+             "`benchmarks/results/fedsb-*.json`; rerun with the commands in the script's docstring.", ""]
+    titles = {"fedsb-smollm2": "SmolLM2 on chatterbot (natural split, 4 clients)",
+              "fedsb-minilm": "MiniLM on Rotten Tomatoes (10 Dirichlet clients)",
+              "fedsb-minilm-r10": "MiniLM on Rotten Tomatoes, 10 rounds",
+              "fedsb-smollm2-r10": "SmolLM2 on chatterbot, 10 rounds"}
+    machines = []
+    for stem, title in titles.items():
+        path = RESULTS / f"{stem}.json"
+        if path.exists():
+            out = load(path)
+            lines += setting_section(title, out)
+            machines.append(out.get("machine"))
+    if (RESULTS / "fedsb-memory.json").exists():
+        lines += memory_section(json.loads((RESULTS / "fedsb-memory.json").read_text()))
+    lines += [f"Machines: {machines[0] if machines else machine()}.", ""]
+    DOC.write_text("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="smollm2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 8])
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-fedsb.md"))
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--lr-sweep", action="store_true")
+    parser.add_argument("--sweep-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--docs-only", action="store_true")
     args = parser.parse_args()
-    variants = {"fedit r8": {"strategy": "fedit"}}
-    variants.update({f"fedsb r{r}": {"strategy": "fedsb", "fedsb.rank": r} for r in args.ranks})
-    runs = {name: [one_run({**s, "seed": seed}) for seed in args.seeds] for name, s in variants.items()}
-    base = runs["fedit r8"]
-    rows = []
-    for name, results in runs.items():
-        final = [r["eval"][-1] for r in results]
-        up, down = statistics.mean(r["up"] for r in results), statistics.mean(r["down"] for r in results)
-        rows.append([name, f"{statistics.mean(final):.3f}" + (f" ± {statistics.stdev(final):.3f}"
-                                                               if len(final) > 1 else ""),
-                     f"{up / 1e3:.1f}", f"{down / 1e3:.1f}",
-                     f"{statistics.mean(r['down_round1'] for r in results) / 1e6:.2f}",
-                     f"{statistics.mean(b['up'] for b in base) / up:.1f}x"])
-    curves = [[name, *(f"{statistics.mean(r['eval'][i] for r in res):.3f}"
-                       for i in range(len(res[0]["eval"])))] for name, res in runs.items()]
-    text = "\n\n".join([
-        "# Fed-SB against FedIT (benchmarks/fedsb.py)",
-        f"SmolLM2-135M-Instruct on chatterbot (natural split), the default demo configuration; seeds "
-        f"{args.seeds}; machine: {machine()}.",
-        table(["run", "final eval loss", "kB up / client / round", "kB down / client / round",
-               "MB down in round 1", "fewer bytes up than fedit"], rows),
-        "Eval loss per round (round 0: before training):",
-        table(["run", *(f"round {i}" for i in range(len(curves[0]) - 1))], curves),
-    ]) + "\n"
-    args.out.write_text(text)
-    save_result(NAME, {"seeds": args.seeds, "ranks": args.ranks, "runs": runs})
-    print(text)
+    if args.memory:
+        memory(args)
+    elif not args.docs_only:
+        run_setting(args)
+    write_doc()
+    print(DOC.read_text())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Measure the real peak memory of LoRA training in a fresh child process (the planner's check).
+"""Measure the real peak memory of a training step in a fresh child process (the planner's check).
 
 :func:`measure_peak` runs a few training steps at a plan in a child process with one torch thread and
 reports its resident high-water mark above the runtime baseline: the figure every estimate is
@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from pollinate.methods.lora.method import LoraPlan
+from pollinate.methods.plan import Plan
 
-__all__ = ["Measurement", "measure_peak"]
+__all__ = ["Measurement", "measure_method_peak", "measure_peak"]
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,88 @@ def measure_peak(model: str, task: str, plan: LoraPlan, *, targets: Sequence[str
     request = {"model": model, "task": task, "plan": dataclasses.asdict(plan), "steps": steps,
                "alpha": alpha, "targets": list(targets) if targets else None,
                "limit_heap": limit_heap, "bare": bare, "base_dtype": base_dtype}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     code = "import sys; from pollinate.client.measure import _measure_main; _measure_main(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=_child_env())
     if done.returncode != 0:
         raise RuntimeError(f"measuring {model} at {plan.describe()} failed:\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return Measurement(**result)
+
+
+def measure_method_peak(method: str, settings: Mapping[str, Any], plan: Plan, *, steps: int = 3,
+                        limit_heap: bool = True, timeout: float = 900.0) -> Measurement:
+    """Measure the real peak of ``steps`` training steps of any registered method's client trainee.
+
+    As :func:`measure_peak`, but the child builds ``method`` from the run-config ``settings`` and trains
+    its own trainee (after merging one :meth:`~pollinate.methods.base.Method.sample_update`, so a
+    method whose frozen part arrives by update, like LoRA-SB, has it) with its ``train``.
+
+    Parameters
+    ----------
+    method : str
+        A registered method (``"lora"``, ``"lora_sb"``).
+    settings : Mapping[str, Any]
+        Run-config keys (``model``, ``task``, ``fedsb.rank``, ...).
+    plan : Plan
+        One of the method's plans.
+    steps, limit_heap, timeout
+        As for :func:`measure_peak`.
+    """
+    request = {"method": method, "settings": dict(settings), "plan": dataclasses.asdict(plan),
+               "plan_type": type(plan).__name__, "steps": steps, "limit_heap": limit_heap}
+    code = ("import sys; from pollinate.client.measure import _measure_method_main; "
+            "_measure_method_main(sys.argv[1])")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True,
+                          text=True, timeout=timeout, env=_child_env())
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {method} at {plan.describe()} failed:\n{done.stderr[-2000:]}")
+    return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _measure_method_main(request_json: str) -> None:
+    """Child side of :func:`measure_method_peak`: print one JSON line with the measurement."""
+    import resource
+    import time
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    request = json.loads(request_json)
+    torch.set_num_threads(1)
+    if request["limit_heap"]:
+        from pollinate.client.budget import limit_heap_retention
+
+        limit_heap_retention()
+    import peft  # noqa: F401  # part of the runtime baseline, as in measure_peak
+
+    from pollinate import methods
+    from pollinate.client.memory import peak_bytes, reset_peak
+    from pollinate.config import RunConfig
+    from pollinate.methods.base import TrainSpec
+
+    cfg = RunConfig.from_run_config(request["settings"])
+    method = methods.build(request["method"], cfg)
+    plan_type = LoraPlan if request["plan_type"] == "LoraPlan" else Plan
+    plan = plan_type(**request["plan"])
+    reset_peak()
+    baseline = peak_bytes()
+    trainee = method.client(plan)
+    trainee.merge(method.sample_update(trainee, 0))
+    examples = _synthetic_examples(plan, trainee.model.config.vocab_size, cfg.task)  # type: ignore[union-attr]
+    _touch(trainee.model)
+    loaded = peak_bytes() - baseline
+    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    trainee.train(examples, TrainSpec(request["steps"], plan.effective_batch, 1e-4, plan.micro_batch), seed=0)
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    print(json.dumps({"peak": peak_bytes() - baseline, "baseline": baseline, "loaded": loaded,
+                      "seconds": seconds, "cpu_seconds": cpu,
+                      "minor_faults": after.ru_minflt - usage.ru_minflt}))
 
 
 def _measure_main(request_json: str) -> None:
@@ -158,7 +232,7 @@ def _default_targets(model_type: str) -> tuple[str, ...]:
     return DEFAULT_TARGETS[model_type]
 
 
-def _synthetic_examples(plan: LoraPlan, vocab: int, task: str) -> list[dict[str, Any]]:
+def _synthetic_examples(plan: Plan, vocab: int, task: str) -> list[dict[str, Any]]:
     """One step's encoded examples of random tokens: ``seq_len`` long, every other one a token shorter
     so that micro-batches are padded (with a mask) as real batches are."""
     generator = torch.Generator().manual_seed(0)

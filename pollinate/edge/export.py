@@ -62,6 +62,7 @@ from pollinate.edge.bundle_pb2 import (
 __all__ = [
     "CausalLMWithCache",
     "SequenceClassifier",
+    "apply_base_delta",
     "export_bundle",
     "weights_sha256",
 ]
@@ -274,7 +275,7 @@ def _label_names(run_config: dict[str, Any], count: int) -> list[str]:
 
 
 @torch.no_grad()
-def _apply_base_delta(base: nn.Module, path: Path | None) -> None:
+def apply_base_delta(base: nn.Module, path: Path | None) -> None:
     """W += ΔW for every module of a checkpoint's merged base updates (None: nothing to do)."""
     if path is None:
         return
@@ -309,7 +310,7 @@ def _load(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
     task, seed = cfg["task"], int(cfg.get("seed", 0))
     num_labels = _num_labels(adapter) if task == "classification" else 2
     base, tokenizer = models.load_model(cfg["model"], task, num_labels=num_labels, seed=seed)
-    _apply_base_delta(base, checkpoint.base_delta)
+    apply_base_delta(base, checkpoint.base_delta)
     info = BaseModel(
         name=str(cfg["model"]), architecture=type(base).__name__,
         model_type=str(getattr(base.config, "model_type", "")),

@@ -2,8 +2,8 @@
 
 The stacked product Σ p_k s_k B_k A_k is merged into the base weights every round; clients merge the same
 stacked factors (the downlink) and start the next round from a fresh adapter (B = 0).
-Bytes per client per round and target matrix m×n: up r_k(m + n); down Σ_j r_j (m + n), the previous
-round's stacked factors (nothing in round 1).
+Bytes per client per round and target matrix m×n: up r_k(m + n); down min(Σ_j r_j (m + n), m·n), the
+previous round's stacked factors or their dense product (nothing in round 1).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class FLora(LoraStrategy):
     @classmethod
     def payload_numbers(cls, shapes: Sequence[tuple[int, int]], rank: int, ranks: Sequence[int],
                         first_round: bool) -> tuple[int, int]:
-        """Up r_k(m + n); down the stacked factors of every client's rank."""
+        """Up r_k(m + n); down the stacked factors of every client's rank, or the dense m×n delta when
+        that is fewer numbers (the downlink sends whichever is smaller)."""
         up = sum(rank * (m + n) for m, n in shapes)
-        return up, 0 if first_round else sum(sum(ranks) * (m + n) for m, n in shapes)
+        return up, 0 if first_round else sum(min(sum(ranks) * (m + n), m * n) for m, n in shapes)
