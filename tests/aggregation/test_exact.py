@@ -1,4 +1,4 @@
-"""The invariants of docs/algorithms.md on tiny random tensors (fp64): exact rules are exact, the
+"""The invariants of docs/methods.md on tiny random tensors (fp64): exact rules are exact, the
 baselines are not."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""FedAvg of states, and why it is the wrong rule for LoRA factors (docs: algorithms.md)."""
+"""FedAvg of states, and why it is the wrong rule for LoRA factors (docs/methods.md, "fedit")."""
 
 import pytest
 import torch
