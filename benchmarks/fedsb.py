@@ -116,6 +116,8 @@ def run_setting(args: argparse.Namespace) -> None:
     best = sweep(base, args.sweep_lrs, out, path) if args.lr_sweep else {}
     out["best_lr"] = best
     for label, keys in variants(args.ranks).items():
+        if args.only and label not in args.only:
+            continue
         strategy = keys["strategy"]
         lr = {lr_key(strategy): best[strategy]} if strategy in best else {}
         for seed in args.seeds:
@@ -221,6 +223,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--lr-sweep", action="store_true")
     parser.add_argument("--sweep-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--only", nargs="+", help="run only these variants, e.g. 'fedit r8' 'fedsb r16'")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--docs-only", action="store_true")
     args = parser.parse_args()
