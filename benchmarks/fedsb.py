@@ -151,7 +151,7 @@ def setting_section(name: str, out: dict[str, Any]) -> list[str]:
                      f"{fedit_up / up:.1f}x" if fedit_up else "-"])
         n = len(runs[0]["eval"])
         curves.append([lab, *(f"{statistics.mean(r['eval'][i] for r in runs):.3f}" for i in range(n))])
-    lines = [f"## {name}", "", f"Seeds {seeds}; {len(curves[0]) - 1} rounds; best lr from the sweep: "
+    lines = [f"## {name}", "", f"Seeds {seeds}; {len(curves[0]) - 2} rounds; best lr from the sweep: "
              f"{out.get('best_lr') or 'no sweep (the defaults)'}.", "",
              table(["run", "final eval loss", "final accuracy", "kB up / client / round",
                     "kB down / client / round", "MB down in round 1", "fewer bytes up than fedit"], rows),

@@ -278,6 +278,20 @@ def test_estimates_match_measured_peaks_of_tiny_models() -> None:
         assert abs(error) <= 0.25, f"{label}: estimate off by {error:+.0%}"
 
 
+def test_lora_sb_estimates_match_its_measured_peaks() -> None:
+    """The LoRA-SB trainee itself trains 3 steps in a fresh process; its estimate is within ±25%."""
+    from pollinate.client.measure import measure_method_peak
+    from pollinate.methods import build
+    from pollinate.methods.plan import Plan
+
+    settings = {"model": "tiny-llama", "fedsb.rank": 8}
+    method = build("lora_sb", RunConfig.from_run_config(settings))
+    for plan in (Plan("lora_sb", 16, 1, 256, False), Plan("lora_sb", 32, 1, 128, True)):
+        measured = measure_method_peak("lora_sb", settings, plan, timeout=120)
+        error = method.estimate(method.dims(), plan).total / measured.peak - 1
+        assert measured.peak > 0 and abs(error) <= 0.25, f"{plan.describe()}: estimate off by {error:+.0%}"
+
+
 # --------------------------------------------------------------------------------------------------
 # pollinate plan
 # --------------------------------------------------------------------------------------------------
