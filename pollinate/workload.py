@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pollinate import models
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, Fields, load_dataset, partition, split_heldout
+from pollinate.methods.plan import ModelDims, model_dims
 
 
 def _fields(cfg: RunConfig) -> Fields:
@@ -59,6 +60,14 @@ def num_labels(cfg: RunConfig) -> int:
     if cfg.task != CLASSIFICATION:
         return 0
     return len(splits(cfg)[0].features["label"].names)
+
+
+@functools.lru_cache(maxsize=8)
+def dims(cfg: RunConfig, table: str) -> ModelDims:
+    """The model's shapes (no weights loaded) with the targets of settings table ``table``."""
+    config = models.model_config(cfg.model, cfg.task, max(num_labels(cfg), 2))
+    targets = getattr(cfg, table).target_list(str(getattr(config, "model_type", "")))
+    return model_dims(config, targets, name=cfg.model, key=f"{table}.targets")
 
 
 def base_model(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

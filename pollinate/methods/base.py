@@ -33,6 +33,20 @@ Example = dict[str, Any]
 """One encoded example: ``input_ids``, ``attention_mask``, ``labels``."""
 
 
+def check_state(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise ValueError unless ``state`` has exactly the keys of ``shapes``, each of that shape.
+
+    ``what`` names the state in the message (``"adapter state"``, ``"lora-sb state"``).
+    """
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{what}: missing keys {missing[:3]}, unexpected keys {extra[:3]}")
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != tuple(shape):
+            raise ValueError(f"{what}: {key} has shape {tuple(state[key].shape)}, expected {tuple(shape)}")
+"""One encoded example: ``input_ids``, ``attention_mask``, ``labels``."""
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """What a round asks of one client's local training."""

@@ -16,6 +16,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from pollinate.methods.base import check_state
+
 State = dict[str, torch.Tensor]
 
 ADAPTER_NAME = "default"
@@ -70,7 +72,7 @@ class LoraAdapter:
         """Load ``state``; it must hold exactly ``keys`` (default: the trainable ones), each in shape."""
         shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
         wanted = set(keys) if keys is not None else _trainable_keys(model)
-        check_state(state, {k: shapes[k] for k in wanted if k in shapes})
+        check_state(state, {k: shapes[k] for k in wanted if k in shapes}, "adapter state")
         set_peft_model_state_dict(model, dict(state), adapter_name=ADAPTER_NAME)
 
     def freeze_a(self, model: nn.Module) -> None:
@@ -112,17 +114,6 @@ def _trainable_keys(model: nn.Module) -> set[str]:
                 name = name.replace(suffix, ".")
             keys.add(name)
     return keys
-
-
-def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise ValueError unless ``state`` has exactly the keys of ``shapes``, each of that shape."""
-    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
-    if missing or extra:
-        raise ValueError(f"adapter state: missing keys {missing[:3]}, unexpected keys {extra[:3]}")
-    for key, shape in shapes.items():
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"adapter state: {key} has shape {tuple(state[key].shape)}, "
-                             f"expected {shape}")
 
 
 def _check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:

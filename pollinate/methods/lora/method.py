@@ -6,7 +6,6 @@ that the rule's strategy hands to :class:`LoraMethod`; the trainee is the same f
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pollinate import models, workload
+from pollinate import workload
 from pollinate.aggregation import Delta, apply_delta, fingerprint
 from pollinate.config import RunConfig
 from pollinate.files import UPDATES_FILE
@@ -24,7 +23,7 @@ from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig, State
 from pollinate.methods.lora.memory import LoraEstimator
 from pollinate.methods.lora.update import LowRankUpdate
 from pollinate.methods.lora.variants import Shared
-from pollinate.methods.plan import Estimate, ModelDims, Plan, micro_batches, model_dims, seq_len_steps
+from pollinate.methods.plan import Estimate, ModelDims, Plan, micro_batches, seq_len_steps
 from pollinate.training import TrainResult, enable_checkpointing, train_local
 
 
@@ -131,7 +130,7 @@ class LoraMethod:
 
     def dims(self) -> ModelDims:
         """The model's shapes with the LoRA targets."""
-        return _dims(self.cfg)
+        return workload.dims(self.cfg, self.settings_table)
 
     def ranks(self, client: int) -> list[int]:
         """The client's fixed rank; where the variant takes mixed ranks and none are set, lora.rank
@@ -188,10 +187,3 @@ class LoraMethod:
     def export_view(self) -> Exportable:
         """A LoRA checkpoint is peft LoRA; its merged updates (FLoRA, FedEx-LoRA) are base deltas."""
         return Exportable(base_delta=UPDATES_FILE)
-
-
-@functools.lru_cache(maxsize=8)
-def _dims(cfg: RunConfig) -> ModelDims:
-    config = models.model_config(cfg.model, cfg.task, max(workload.num_labels(cfg), 2))
-    family = str(getattr(config, "model_type", ""))
-    return model_dims(config, cfg.lora.target_list(family), name=cfg.model)

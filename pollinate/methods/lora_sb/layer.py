@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from pollinate.methods.base import check_state
+
 R_KEY, A_KEY, B_KEY = "sb_R", "sb_A", "sb_B"
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (A r×n, B m×r, R r×r)
 
@@ -118,7 +120,7 @@ def r_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_r_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into the R matrices; it must hold exactly the keys of :func:`r_state`, each r×r."""
     layers = sb_layers(model)
-    _check_state(state, {f"{name}.{R_KEY}": (m.rank, m.rank) for name, m in layers.items()})
+    check_state(state, {f"{name}.{R_KEY}": (m.rank, m.rank) for name, m in layers.items()}, "lora-sb state")
     with torch.no_grad():
         for name, m in layers.items():
             m.sb_R.copy_(state[f"{name}.{R_KEY}"])
@@ -158,13 +160,3 @@ def _check_rank(chosen: Mapping[str, nn.Linear], rank: int) -> None:
     if not 1 <= rank <= smallest:
         raise ValueError(f"fedsb.rank: {rank} is out of range; allowed: 1 to {smallest} "
                          "(the smallest side of a target layer)")
-
-
-def _check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise ValueError unless ``state`` has exactly the keys of ``shapes``, each of that shape."""
-    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
-    if missing or extra:
-        raise ValueError(f"lora-sb state: missing keys {missing[:3]}, unexpected keys {extra[:3]}")
-    for key, shape in shapes.items():
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"lora-sb state: {key} has shape {tuple(state[key].shape)}, expected {shape}")

@@ -8,7 +8,6 @@ checkpoint holds R (and a trained head) for resume, and a peft LoRA view with R 
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,15 +18,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pollinate import models, workload
+from pollinate import workload
 from pollinate.aggregation import fingerprint
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, collate, encode_dataset
-from pollinate.methods.base import Example, Exportable, TrainSpec
+from pollinate.methods.base import Example, Exportable, TrainSpec, check_state
 from pollinate.methods.lora.memory import LoraEstimator
 from pollinate.methods.lora_sb.init import init_factors, target_gradients
 from pollinate.methods.lora_sb.layer import A_KEY, B_KEY, R_KEY, Factors, install_factors, wrap
-from pollinate.methods.plan import Estimate, ModelDims, Plan, micro_batches, model_dims, seq_len_steps
+from pollinate.methods.plan import Estimate, ModelDims, Plan, micro_batches, seq_len_steps
 from pollinate.training import TrainResult, enable_checkpointing, train_local
 
 R0_KEY = "sb_R0"
@@ -72,10 +71,10 @@ class LoraSbTrainee:
         model, self.tokenizer = workload.base_model(cfg)
         family = str(getattr(model.config, "model_type", ""))
         self.layers = wrap(model, cfg.fedsb.target_list(family), cfg.fedsb.rank)
-        self.heads = [p for n, p in model.named_parameters() if cfg.task == CLASSIFICATION
-                      and n.split(".")[0] in HEADS]
-        for p in self.heads:
-            p.requires_grad_(True)
+        self.heads = sorted({n.split(".")[0] for n, _ in model.named_parameters()
+                             if cfg.task == CLASSIFICATION and n.split(".")[0] in HEADS})
+        for head in self.heads:
+            model.get_submodule(head).requires_grad_(True)
         self.model: nn.Module = model
         if checkpointing:
             enable_checkpointing(model)
@@ -87,14 +86,9 @@ class LoraSbTrainee:
     def load(self, state: Mapping[str, torch.Tensor], *, seed: int) -> None:
         """Every R (and the head) from ``state``: exactly the keys :meth:`upload` sends, in shape."""
         params = self._trainable()
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or extra:
-            raise ValueError(f"lora-sb state: missing keys {missing[:3]}, unexpected keys {extra[:3]}")
+        check_state(state, {n: tuple(p.shape) for n, p in params.items()}, "lora-sb state")
         with torch.no_grad():
             for name, p in params.items():
-                if tuple(state[name].shape) != tuple(p.shape):
-                    raise ValueError(f"lora-sb state: {name} has shape {tuple(state[name].shape)}, "
-                                     f"expected {tuple(p.shape)}")
                 p.copy_(state[name])
 
     def train(self, examples: Sequence[Example], spec: TrainSpec, *, seed: int) -> TrainResult:
@@ -140,12 +134,10 @@ class LoraSbTrainee:
 
     def _peft_config(self) -> dict[str, Any]:
         rank = next(iter(self.layers.values())).rank
-        classification = bool(self.heads)
         return {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none",
                 "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.layers}),
-                "task_type": "SEQ_CLS" if classification else "CAUSAL_LM",
-                "modules_to_save": sorted({n.split(".")[0] for n, _ in self.model.named_parameters()
-                                           if n.split(".")[0] in HEADS}) if classification else None,
+                "task_type": "SEQ_CLS" if self.heads else "CAUSAL_LM",
+                "modules_to_save": self.heads or None,
                 "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False}
 
 
@@ -167,7 +159,7 @@ class LoraSbMethod:
 
     def dims(self) -> ModelDims:
         """The model's shapes with the Fed-SB targets."""
-        return _dims(self.cfg)
+        return workload.dims(self.cfg, self.settings_table)
 
     def candidates(self, dims: ModelDims, client: int) -> list[Plan]:
         """Longer sequences, then no checkpointing, then larger micro-batches (the rank is fixed)."""
@@ -230,10 +222,3 @@ class LoraSbMethod:
                     ) -> dict[str, torch.Tensor]:
         """Federated initialisation: this share's gradient sums (at most ``init-examples`` examples)."""
         return trainee.gradient_sums(list(examples)[: self.cfg.fedsb.init_examples])
-
-
-@functools.lru_cache(maxsize=8)
-def _dims(cfg: RunConfig) -> ModelDims:
-    config = models.model_config(cfg.model, cfg.task, max(workload.num_labels(cfg), 2))
-    family = str(getattr(config, "model_type", ""))
-    return model_dims(config, cfg.fedsb.target_list(family), name=cfg.model, key="fedsb.targets")
