@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +78,7 @@ def measure_peak(model: str, task: str, plan: LoraPlan, *, targets: Sequence[str
     request = {"model": model, "task": task, "plan": dataclasses.asdict(plan), "steps": steps,
                "alpha": alpha, "targets": list(targets) if targets else None,
                "limit_heap": limit_heap, "bare": bare, "base_dtype": base_dtype}
-    code = "import sys; from pollinate.client.measure import _measure_main; _measure_main(sys.argv[1])"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True,
-                          text=True, timeout=timeout, env=_child_env())
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring {model} at {plan.describe()} failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return Measurement(**result)
+    return _run_child("_measure_main", request, f"{model} at {plan.describe()}", timeout)
 
 
 def measure_method_peak(method: str, settings: Mapping[str, Any], plan: Plan, *, steps: int = 3,
@@ -108,35 +102,54 @@ def measure_method_peak(method: str, settings: Mapping[str, Any], plan: Plan, *,
     """
     request = {"method": method, "settings": dict(settings), "plan": dataclasses.asdict(plan),
                "plan_type": type(plan).__name__, "steps": steps, "limit_heap": limit_heap}
-    code = ("import sys; from pollinate.client.measure import _measure_method_main; "
-            "_measure_method_main(sys.argv[1])")
+    return _run_child("_measure_method_main", request, f"{method} at {plan.describe()}", timeout)
+
+
+def _run_child(entry: str, request: dict[str, Any], label: str, timeout: float) -> Measurement:
+    """Run ``entry`` of this module in a fresh interpreter with one thread; read its JSON line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    code = f"import sys; from pollinate.client.measure import {entry}; {entry}(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True,
-                          text=True, timeout=timeout, env=_child_env())
+                          text=True, timeout=timeout, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"measuring {method} at {plan.describe()} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"measuring {label} failed:\n{done.stderr[-2000:]}")
     return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def _child_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-
-
-def _measure_method_main(request_json: str) -> None:
-    """Child side of :func:`measure_method_peak`: print one JSON line with the measurement."""
-    import resource
-    import time
+def _child_start(request: dict[str, Any]) -> None:
+    """One torch thread, the client's heap policy, and the libraries of the runtime baseline."""
     import warnings
 
     warnings.filterwarnings("ignore")
-    request = json.loads(request_json)
     torch.set_num_threads(1)
     if request["limit_heap"]:
         from pollinate.client.budget import limit_heap_retention
 
         limit_heap_retention()
-    import peft  # noqa: F401  # part of the runtime baseline, as in measure_peak
+    import peft  # noqa: F401  # part of the runtime baseline, like torch and transformers
 
+
+def _report(baseline: int, loaded: int, train: Callable[[], object]) -> None:
+    """Run ``train`` timed; print the peak above ``baseline`` and the times as one JSON line."""
+    import resource
+    import time
+
+    from pollinate.client.memory import peak_bytes
+
+    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    train()
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    print(json.dumps({"peak": peak_bytes() - baseline, "baseline": baseline, "loaded": loaded,
+                      "seconds": seconds, "cpu_seconds": cpu,
+                      "minor_faults": after.ru_minflt - usage.ru_minflt}))
+
+
+def _measure_method_main(request_json: str) -> None:
+    """Child side of :func:`measure_method_peak`: print one JSON line with the measurement."""
+    request = json.loads(request_json)
+    _child_start(request)
     from pollinate import methods
     from pollinate.client.memory import peak_bytes, reset_peak
     from pollinate.config import RunConfig
@@ -150,32 +163,17 @@ def _measure_method_main(request_json: str) -> None:
     baseline = peak_bytes()
     trainee = method.client(plan)
     trainee.merge(method.sample_update(trainee, 0))
-    examples = _synthetic_examples(plan, trainee.model.config.vocab_size, cfg.task)  # type: ignore[union-attr]
+    model: Any = trainee.model  # a transformers model (or peft's wrapper): it has a config
+    examples = _synthetic_examples(plan, int(model.config.vocab_size), cfg.task)
     _touch(trainee.model)
-    loaded = peak_bytes() - baseline
-    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    trainee.train(examples, TrainSpec(request["steps"], plan.effective_batch, 1e-4, plan.micro_batch), seed=0)
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    print(json.dumps({"peak": peak_bytes() - baseline, "baseline": baseline, "loaded": loaded,
-                      "seconds": seconds, "cpu_seconds": cpu,
-                      "minor_faults": after.ru_minflt - usage.ru_minflt}))
+    spec = TrainSpec(request["steps"], plan.effective_batch, 1e-4, plan.micro_batch)
+    _report(baseline, peak_bytes() - baseline, lambda: trainee.train(examples, spec, seed=0))
 
 
 def _measure_main(request_json: str) -> None:
     """Child side of :func:`measure_peak`: print one JSON line with the measurement."""
-    import resource
-    import time
-    import warnings
-
-    warnings.filterwarnings("ignore")
     request = json.loads(request_json)
-    torch.set_num_threads(1)
-    if request["limit_heap"]:
-        from pollinate.client.budget import limit_heap_retention
-
-        limit_heap_retention()
-    import peft  # noqa: F401  # part of the runtime baseline, like torch and transformers
+    _child_start(request)
 
     from pollinate import models
     from pollinate.client.memory import peak_bytes, reset_peak
@@ -196,18 +194,14 @@ def _measure_main(request_json: str) -> None:
         enable_checkpointing(peft_model)
     examples = _synthetic_examples(plan, model.config.vocab_size, request["task"])
     _touch(peft_model)
-    loaded = peak_bytes() - baseline
-    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    if request["bare"]:
-        _bare_loop(peft_model, examples, plan, request["steps"], tokenizer.pad_token_id)
-    else:
-        train_local(peft_model, examples, steps=request["steps"], batch_size=plan.effective_batch,
-                    lr=1e-4, pad_id=tokenizer.pad_token_id, seed=0, micro_batch=plan.micro_batch)
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    print(json.dumps({"peak": peak_bytes() - baseline, "baseline": baseline, "loaded": loaded,
-                      "seconds": seconds, "cpu_seconds": cpu,
-                      "minor_faults": after.ru_minflt - usage.ru_minflt}))
+    def train() -> None:
+        if request["bare"]:
+            _bare_loop(peft_model, examples, plan, request["steps"], tokenizer.pad_token_id)
+        else:
+            train_local(peft_model, examples, steps=request["steps"], batch_size=plan.effective_batch,
+                        lr=1e-4, pad_id=tokenizer.pad_token_id, seed=0, micro_batch=plan.micro_batch)
+
+    _report(baseline, peak_bytes() - baseline, train)
 
 
 @torch.no_grad()
