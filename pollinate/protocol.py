@@ -61,8 +61,9 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def arrays_of(msg: Message) -> ArrayRecord:
-    """The ArrayRecord a message carries."""
-    return msg.content.array_records[ARRAYS]
+    """The ArrayRecord a message carries (empty when it carries none: a setup exchange, a catch-up ask)."""
+    records = msg.content.array_records
+    return records[ARRAYS] if ARRAYS in records else ArrayRecord()
 
 
 def metrics_of(msg: Message) -> MetricRecord:
@@ -110,6 +111,11 @@ class _Serialisable(Protocol):
     def deflate(self) -> bytes: ...
 
 
+def downlink_bytes(message: Message) -> int:
+    """Bytes of the state and the updates an instruction carries (counted alike by both apps)."""
+    return wire_bytes(arrays_of(message)) + wire_bytes(base_of(message))
+
+
 def wire_bytes(obj: _Serialisable) -> int:
     """Bytes of the serialised object tree Flower transmits (record, arrays, their chunks)."""
     return len(obj.deflate()) + sum(wire_bytes(child) for child in (obj.children or {}).values())
@@ -155,7 +161,7 @@ class ClientReport:
     def of(cls, reply: Message) -> ClientReport:
         """Read a (non-error) training reply."""
         m = metrics_of(reply)
-        arrays = arrays_of(reply) if ARRAYS in reply.content.array_records else ArrayRecord()
+        arrays = arrays_of(reply)
         return cls(
             node=reply.metadata.src_node_id, examples=int(metric(m, NUM_EXAMPLES)),
             loss=metric(m, TRAIN_LOSS), seconds=metric(m, TRAIN_SECONDS),

@@ -166,11 +166,6 @@ def _reply(msg: Message, metrics: dict[str, int | float], arrays: ArrayRecord | 
     return Message(content, reply_to=msg)
 
 
-def _bytes_down(msg: Message) -> int:
-    arrays = protocol.arrays_of(msg) if protocol.ARRAYS in msg.content.array_records else ArrayRecord()
-    return protocol.wire_bytes(arrays) + protocol.wire_bytes(protocol.base_of(msg))
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received state for ``local-steps`` within the budget; reply with what travels."""
@@ -191,7 +186,7 @@ def train(msg: Message, context: Context) -> Message:
         protocol.TOKENS_SEEN: result.tokens,
         protocol.TRAIN_LOSS: result.loss,
         protocol.TRAIN_SECONDS: result.seconds,
-        protocol.BYTES_DOWN: _bytes_down(msg),
+        protocol.BYTES_DOWN: protocol.downlink_bytes(msg),
         protocol.PEAK_MEM: max(process_peak - baseline, 0),
         protocol.PROCESS_PEAK: process_peak,
         protocol.RUNTIME_BASELINE: baseline,

@@ -72,13 +72,6 @@ def collect(grid: Grid, messages: Iterable[Message], progress: RoundProgress,
     return replies
 
 
-def downlink_bytes(message: Message) -> int:
-    """Bytes of the state and the updates an instruction carries."""
-    records = message.content.array_records
-    arrays = records[protocol.ARRAYS] if protocol.ARRAYS in records else ArrayRecord()
-    return protocol.wire_bytes(arrays) + protocol.wire_bytes(protocol.base_of(message))
-
-
 def client_event(server_round: int, report: ClientReport, method: str, bytes_down: int) -> dict[str, Any]:
     """The metrics.jsonl line of one client's reply."""
     return {
@@ -143,9 +136,9 @@ class Federation:
 
         def exchange(messages: list[Message]) -> list[Message]:  # its bytes count in the totals
             replies = collect(grid, messages, self.progress)
-            self.totals.bytes_down += sum(downlink_bytes(m) for m in messages)
+            self.totals.bytes_down += sum(protocol.downlink_bytes(m) for m in messages)
             self.totals.bytes_up += sum(protocol.wire_bytes(protocol.arrays_of(r)) for r in replies
-                                        if not r.has_error() and protocol.ARRAYS in r.content.array_records)
+                                        if not r.has_error())
             return replies
 
         self.strategy.setup(self.model.trainee, exchange, grid, config)
@@ -160,13 +153,13 @@ class Federation:
         config = protocol.config_record(self.cfg.to_run_config(), server_round)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self.progress.start_round(server_round, len(messages))
-        sent = {m.metadata.dst_node_id: downlink_bytes(m) for m in messages}
+        sent = {m.metadata.dst_node_id: protocol.downlink_bytes(m) for m in messages}
         replies = collect(grid, messages, self.progress)
         behind = [r for r in replies if wants_catch_up(r)]
         if behind:  # processes that missed rounds: resend from the version they hold, once
             again = [self.strategy.catch_up(r, arrays, config) for r in behind]
             for m in again:
-                sent[m.metadata.dst_node_id] += downlink_bytes(m)
+                sent[m.metadata.dst_node_id] += protocol.downlink_bytes(m)
             replies = [r for r in replies if not wants_catch_up(r)] + collect(grid, again, self.progress)
         return replies, sent, len(messages)
 

@@ -11,7 +11,7 @@ updates since its version, combined into one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -169,9 +169,4 @@ def weights_of(reports: Sequence[ClientReport]) -> list[float]:
     return [float(r.examples) for r in reports]
 
 
-def uploads(reports: Sequence[ClientReport]) -> list[Mapping[str, torch.Tensor]]:
-    """Each report's uploaded tensors."""
-    return [r.upload for r in reports]
-
-
-__all__ = ["Aggregate", "Exchange", "PollinateStrategy", "uploads", "weights_of"]
+__all__ = ["Aggregate", "Exchange", "PollinateStrategy", "weights_of"]

@@ -71,10 +71,9 @@ class FedSb(PollinateStrategy):
     def combine(self, reports: Sequence[ClientReport]) -> Aggregate:
         """R ← Σ p_k R_k (exact: the map R ↦ B R A is linear); a classification head averaged plainly."""
         weights = weights_of(reports)
-        is_r = [k.endswith(f".{R_KEY}") for k in reports[0].upload]
         r_parts = [{k: v for k, v in r.upload.items() if k.endswith(f".{R_KEY}")} for r in reports]
         heads = [{k: v for k, v in r.upload.items() if not k.endswith(f".{R_KEY}")} for r in reports]
         state = average_r(r_parts, weights)
-        if not all(is_r):
+        if heads[0]:  # a classification head travels beside R
             state.update(weighted_average(heads, weights))
         return Aggregate(state=state)
