@@ -178,8 +178,8 @@ def memory(args: argparse.Namespace) -> None:
             ("lora_sb r16", "lora_sb", Plan("lora_sb", 4, 1, 64, False), {"fedsb.rank": 16})):
         settings = {"model": "smollm2-135m-instruct", **keys}
         measured = measure_method_peak(method, settings, plan)
-        estimate = build(method, RunConfig.from_run_config(settings)).estimate(
-            build(method, RunConfig.from_run_config(settings)).dims(), plan).total
+        built = build(method, RunConfig.from_run_config(settings))
+        estimate = built.estimate(built.dims(), plan).total
         rows[label] = {"peak": measured.peak, "estimate": estimate, "seconds": measured.seconds}
     out = {"memory": rows, "machine": machine()}
     save(RESULTS / "fedsb-memory.json", out)

@@ -59,9 +59,8 @@ def _print_outcome(progress: RoundProgress, summary: dict[str, Any], run_path: P
         s = summary["sample"]
         progress.print(f"question:   {s['prompt']}\nbase:       {s['base']}\n"
                        f"fine-tuned: {s['fine_tuned']}\nreference:  {s['reference']}")
-    progress.print(f"clients trained at {summary['seconds_per_step']:.2f} s per step (one thread each; "
-                   f"a slow machine shows here, not in the rounds); the run took "
-                   f"{summary['wall_seconds']:.0f} s")
+    progress.print(f"clients trained at {summary['seconds_per_step']:.2f} s per step, one thread each "
+                   f"(the machine's speed); the run took {summary['wall_seconds']:.0f} s")
     progress.print(f"run folder: {run_path}")
 
 
