@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pollinate.catalog import GENERATION, PARTITIONERS, TASKS, default_dataset
+from pollinate.methods.fedkseed.settings import FedKSeedSettings
 from pollinate.methods.lora.settings import LoraSettings
 from pollinate.methods.lora_sb.settings import FedSbSettings
 from pollinate.methods.settings import AUTO
@@ -93,6 +94,7 @@ class RunConfig:
     """Where the run folder goes; empty means runs/<run-id>."""
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"table": "lora"})
     fedsb: FedSbSettings = field(default_factory=FedSbSettings, metadata={"table": "fedsb"})
+    fedkseed: FedKSeedSettings = field(default_factory=FedKSeedSettings, metadata={"table": "fedkseed"})
     data: DataFields = field(default_factory=DataFields, metadata={"table": "data"})
     memory: MemorySettings = field(default_factory=MemorySettings, metadata={"table": "memory"})
     sim: SimulationSettings = field(default_factory=SimulationSettings, metadata={"table": "sim"})

@@ -43,6 +43,23 @@ def _targets(batch: dict[str, torch.Tensor]) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.dim() == 2 else labels.numel()
 
 
+def micro_batches_of(step: Sequence[Example], micro: int, pad_id: int
+                     ) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """A step's examples collated in micro-batches, each with its share of the step's loss terms.
+
+    Weighting each micro-batch's mean loss by its share makes their sum the full batch's mean loss.
+    """
+    parts = [collate(list(step[i : i + micro]), pad_id) for i in range(0, len(step), micro)]
+    total = max(sum(_targets(p) for p in parts), 1)
+    return [(part, _targets(part) / total) for part in parts]
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, parts: Sequence[tuple[dict[str, torch.Tensor], float]]) -> float:
+    """The mean loss of a step's micro-batches (:func:`micro_batches_of`), forward passes only."""
+    return sum(float(model(**part).loss) * share for part, share in parts)
+
+
 def train_local(model: nn.Module, examples: Sequence[Example], *, steps: int, batch_size: int,
                 lr: float, pad_id: int, seed: int, micro_batch: int | None = None) -> TrainResult:
     """``steps`` AdamW steps of ``batch_size`` examples on the trainable parameters of ``model``.
@@ -58,10 +75,8 @@ def train_local(model: nn.Module, examples: Sequence[Example], *, steps: int, ba
     stream = batches(examples, batch_size, seed)
     for _ in range(steps):
         step = next(stream)
-        parts = [collate(step[i : i + micro], pad_id) for i in range(0, len(step), micro)]
-        total = max(sum(_targets(p) for p in parts), 1)
-        for part in parts:
-            loss = model(**part).loss * (_targets(part) / total)
+        for part, share in micro_batches_of(step, micro, pad_id):
+            loss = model(**part).loss * share
             loss.backward()
             total_loss += loss.item()
             tokens += int(part["attention_mask"].sum())

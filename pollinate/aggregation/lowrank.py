@@ -110,8 +110,8 @@ def fingerprint(weights: Mapping[str, torch.Tensor]) -> float:
     """
     total = 0.0
     for w in weights.values():
-        w64 = w.detach().to(torch.float64)
-        u = (torch.arange(w.shape[0], dtype=torch.float64) % 7) - 3
-        v = (torch.arange(w.shape[1], dtype=torch.float64) % 5) - 2
+        w64 = w.detach().to(torch.float64).reshape(w.shape[0], -1)  # a vector as one column
+        u = (torch.arange(w64.shape[0], dtype=torch.float64) % 7) - 3
+        v = (torch.arange(w64.shape[1], dtype=torch.float64) % 5) - 2
         total += float((w64 * w64).sum() + u @ w64 @ v)
     return total

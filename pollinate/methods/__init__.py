@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, str] = {
     "lora": "pollinate.methods.lora.method:LoraMethod",
     "lora_sb": "pollinate.methods.lora_sb.method:LoraSbMethod",
+    "fedkseed": "pollinate.methods.fedkseed.method:FedKSeedMethod",
 }
 
 

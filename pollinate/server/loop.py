@@ -186,7 +186,7 @@ class Federation:
             accepted.append(event)
             self.totals.over_budget += int(report.over_budget)
             self.totals.train_seconds += report.seconds
-            self.totals.train_steps += self.cfg.local_steps
+            self.totals.train_steps += -(-report.examples_seen // self.cfg.batch_size)  # steps, any method
         return kept, accepted
 
     def train_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:

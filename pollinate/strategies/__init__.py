@@ -12,6 +12,7 @@ from pollinate.config import RunConfig
 from pollinate.strategies.base import Aggregate, PollinateStrategy
 from pollinate.strategies.fedex import FedExLora
 from pollinate.strategies.fedit import FedIt
+from pollinate.strategies.fedkseed import FedKSeed, FedKSeedPro
 from pollinate.strategies.fedsb import FedSb
 from pollinate.strategies.ffa import FfaLora
 from pollinate.strategies.flora import FLora
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 STRATEGIES: dict[str, type[PollinateStrategy]] = {
     "fedit": FedIt, "ffa": FfaLora, "flora": FLora, "fedex": FedExLora, "zeropad": ZeroPad,
-    "fedsb": FedSb,
+    "fedsb": FedSb, "fedkseed": FedKSeed, "fedkseed-pro": FedKSeedPro,
 }
 
 
@@ -47,5 +48,6 @@ def build_strategy(cfg: RunConfig) -> PollinateStrategy:
     return strategy_class(cfg.strategy)(cfg)
 
 
-__all__ = ["STRATEGIES", "Aggregate", "FLora", "FedExLora", "FedIt", "FedSb", "FfaLora", "LoraStrategy",
-           "PollinateStrategy", "ZeroPad", "build_strategy", "method_for", "strategy_class"]
+__all__ = ["STRATEGIES", "Aggregate", "FLora", "FedExLora", "FedIt", "FedKSeed", "FedKSeedPro", "FedSb",
+           "FfaLora", "LoraStrategy", "PollinateStrategy", "ZeroPad", "build_strategy", "method_for",
+           "strategy_class"]

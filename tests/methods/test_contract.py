@@ -17,7 +17,7 @@ from pollinate.methods.plan import Plan
 from pollinate.server.loop import FINGERPRINT_TOLERANCE
 
 # The strategy that trains each method (the strategy determines the method).
-STRATEGY = {"lora": "fedit", "lora_sb": "fedsb"}
+STRATEGY = {"lora": "fedit", "lora_sb": "fedsb", "fedkseed": "fedkseed"}
 CASES = [(name, model, task) for name in methods.names()
          for model, task in (("tiny-llama", "generation"), ("tiny-bert", "classification"))]
 
@@ -25,7 +25,7 @@ CASES = [(name, model, task) for name in methods.names()
 def _method(name: str, model: str, task: str) -> Method:
     cfg = RunConfig.from_run_config({"model": model, "task": task, "strategy": STRATEGY[name],
                                      "num-clients": 2, "eval-examples": 8, "local-steps": 2,
-                                     "fedsb.rank": 4, "fedsb.init-examples": 4})
+                                     "fedsb.rank": 4, "fedsb.init-examples": 4, "fedkseed.steps": 3})
     return methods.build(name, cfg)
 
 
@@ -47,7 +47,7 @@ def test_upload_after_load_returns_what_was_loaded(name: str, model: str, task: 
     method = _method(name, model, task)
     trainee, _ = _client(method)
     gen = torch.Generator().manual_seed(3)
-    state = {k: torch.randn(v.shape, generator=gen) for k, v in trainee.upload().items()}
+    state = {k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in trainee.upload().items()}
     trainee.load(state, seed=1)
     back = trainee.upload()
     assert back.keys() == state.keys()
@@ -91,7 +91,9 @@ def test_training_keeps_the_version_and_frozen_part(name: str, model: str, task:
     before = trainee.upload()
     result = trainee.train(examples, method.spec(plan), seed=0)
     assert result.loss > 0 and result.examples == method.spec(plan).steps * method.spec(plan).batch_size
-    assert trainee.version == version and trainee.fingerprint() == frozen
+    # a method that moves its frozen part while training (FedKSeed) must restore it, to round-off
+    assert trainee.version == version
+    assert trainee.fingerprint() == pytest.approx(frozen, rel=FINGERPRINT_TOLERANCE)
     assert any(not torch.equal(before[k], v) for k, v in trainee.upload().items())  # something trained
 
 

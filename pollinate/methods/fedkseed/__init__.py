@@ -1,0 +1,1 @@
+"""FedKSeed: zeroth-order fine-tuning that speaks in (seed, scalar) pairs (docs/methods.md, "FedKSeed")."""

@@ -1,0 +1,57 @@
+"""FedKSeed's memory model: inference level (docs/methods.md, "Memory models for a planner").
+
+peak = P·4 (weights, with an adapter's in ``lora`` mode) + one direction tensor the size of the largest
+trained tensor + the live activations of one forward pass (no autograd graph: one layer's at a time)
++ the B·T·V logits and the loss's copies + the runtime's fixed cost. Nothing for gradients or an
+optimiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pollinate.methods.plan import FP32, Estimate, ModelDims, Plan
+
+
+@dataclass(frozen=True)
+class InferenceCalibration:
+    """Coefficients that counting tensors does not give, checked against measured peaks
+    (``tests/client/test_planner.py``, ``benchmarks/fedkseed.py``)."""
+
+    layer_floats_per_hidden: float = 6.0
+    """Live fp32 values per token of one layer's forward, in units of the hidden size (the residual
+    stream, the normed input, q, k, v and the attention output)."""
+    layer_floats_per_intermediate: float = 3.0
+    """The same in units of the MLP's intermediate size (gate, up and their product)."""
+    logit_copies: float = 2.0
+    """B·T·V fp32 tensors alive around the loss: the logits and the log-softmax of the cross-entropy."""
+    runtime_bytes: int = 25_000_000
+    """As LoRA's: lazily imported modeling code, module objects, the first forward's kernels."""
+    runtime_per_vocab: float = 720.0
+    """Bytes per vocabulary entry that the loaded tokenizer keeps."""
+
+
+def estimate(dims: ModelDims, plan: Plan, task: str, *, weights: int, largest: int,
+             calibration: InferenceCalibration | None = None) -> Estimate:
+    """Peak resident bytes of one zeroth-order step at ``plan``.
+
+    Parameters
+    ----------
+    weights : int
+        Every number the model holds (base, head, an adapter).
+    largest : int
+        Numbers of the largest trained tensor: the one direction temporary alive at a time.
+    """
+    cal = calibration or InferenceCalibration()
+    tokens = plan.micro_batch * plan.seq_len
+    per_token = (cal.layer_floats_per_hidden * dims.hidden
+                 + cal.layer_floats_per_intermediate * dims.intermediate
+                 + dims.heads + plan.seq_len)  # a log-sum-exp per head and the float mask row
+    logits = tokens * dims.vocab * FP32 * cal.logit_copies if task == "generation" else 0
+    return Estimate.of({
+        "weights": weights * FP32,
+        "direction": largest * FP32,
+        "activations": int(tokens * per_token * FP32),
+        "logits": int(logits),
+        "runtime": int(cal.runtime_bytes + cal.runtime_per_vocab * dims.vocab),
+    })

@@ -1,0 +1,284 @@
+"""FedKSeed as a pollinate method (https://arxiv.org/abs/2312.06353): its update, trainee and planning.
+
+A client takes τ zeroth-order steps, each along z(s) for a seed s drawn from K candidates shared by
+every node, and uploads what it did as (seed index, g) pairs or as K per-seed sums, whichever is fewer
+bytes. The update every node merges is the per-seed sums of a round (weighted by examples): merging
+replays them, w ← w − η Σ_s G_s z(s), so the model is w0 − η Σ_s G_s z(s) and a node that missed
+rounds catches up from K numbers. After its steps a client replays its own sums backwards, so it holds
+the version it was sent (to round-off) until the next update arrives.
+
+``fedkseed.params = "lora"`` moves only the tensors of a LoRA adapter (and a classification head);
+``"full"`` moves every weight, as the paper.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Self
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from pollinate import workload
+from pollinate.aggregation import fingerprint
+from pollinate.config import RunConfig
+from pollinate.methods.base import Example, Exportable, TrainSpec
+from pollinate.methods.fedkseed import memory
+from pollinate.methods.fedkseed.zo import (
+    UniformSeeds,
+    WeightedSeeds,
+    candidate_seeds,
+    replay,
+    zo_step,
+)
+from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
+from pollinate.methods.plan import Estimate, ModelDims, Plan, micro_batches, seq_len_steps
+from pollinate.training import TrainResult, batch_loss, batches, micro_batches_of
+
+SUMS_KEY = "seed_sums"
+"""K per-seed sums of g (an update, or an upload when it is the smaller form)."""
+INDEX_KEY, GRAD_KEY = "seed_index", "seed_grad"
+"""An upload as τ pairs: the index of each step's seed among the K and its g."""
+PROBABILITIES_KEY = "seed_probabilities"
+"""FedKSeed-Pro's K sampling probabilities, sent as the round's state."""
+DELTA_FILE = "fedkseed_delta.safetensors"
+"""With ``params = "full"``: w − w0 of every weight, merged into the base by the edge export."""
+
+
+@dataclass(frozen=True)
+class SeedSums:
+    """FedKSeed's update: G_s per candidate seed (K numbers); merging replays w ← w − η Σ_s G_s z(s)."""
+
+    sums: torch.Tensor
+    span: int = 1
+
+    @classmethod
+    def combine(cls, updates: Sequence[Self]) -> Self:
+        """Replays add up: merging the sum equals merging each (to round-off)."""
+        total = torch.stack([u.sums.to(torch.float64) for u in updates]).sum(0)
+        return cls(total.to(torch.float32), sum(u.span for u in updates))
+
+    def to_flat(self) -> dict[str, torch.Tensor]:
+        return {SUMS_KEY: self.sums}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, torch.Tensor], *, span: int = 1) -> Self:
+        return cls(flat[SUMS_KEY].to(torch.float32), span)
+
+
+def upload_form(index: torch.Tensor, grads: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """τ (index, g) pairs (8τ bytes) or K per-seed sums (4K bytes), whichever is fewer."""
+    if 8 * index.numel() < 4 * k:
+        return {INDEX_KEY: index.to(torch.int32), GRAD_KEY: grads.to(torch.float32)}
+    return {SUMS_KEY: per_seed(index, grads, k)}
+
+
+def per_seed(index: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    """Σ of ``values`` per seed index, as K fp32 numbers (added in fp64)."""
+    out = torch.zeros(k, dtype=torch.float64)
+    out.index_add_(0, index.to(torch.int64), values.to(torch.float64))
+    return out.to(torch.float32)
+
+
+def uploaded_entries(flat: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seed indices, g) of an upload in either form (a sums upload gives one entry per seed used)."""
+    if SUMS_KEY in flat:
+        sums = flat[SUMS_KEY]
+        index = torch.nonzero(sums).flatten()
+        return index, sums[index].to(torch.float32)
+    return flat[INDEX_KEY].to(torch.int64), flat[GRAD_KEY].to(torch.float32)
+
+
+def check_upload(flat: Mapping[str, torch.Tensor], k: int, steps: int) -> None:
+    """Raise ValueError unless ``flat`` is an upload of ``steps`` steps over ``k`` seeds, finite."""
+    if set(flat) == {SUMS_KEY}:
+        if tuple(flat[SUMS_KEY].shape) != (k,):
+            raise ValueError(f"{SUMS_KEY} has shape {tuple(flat[SUMS_KEY].shape)}, expected ({k},)")
+    elif set(flat) == {INDEX_KEY, GRAD_KEY}:
+        index, grads = flat[INDEX_KEY], flat[GRAD_KEY]
+        if tuple(index.shape) != (steps,) or tuple(grads.shape) != (steps,):
+            raise ValueError(f"{steps} (index, g) pairs expected, got {tuple(index.shape)} and "
+                             f"{tuple(grads.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= k):
+            raise ValueError(f"a seed index outside 0..{k - 1}")
+    else:
+        raise ValueError(f"keys {sorted(flat)[:3]}: expected {SUMS_KEY}, or {INDEX_KEY} and {GRAD_KEY}")
+    if not all(torch.isfinite(v.to(torch.float64)).all() for v in flat.values()):
+        raise ValueError("a g that is not finite")
+
+
+class ZerothOrderTrainee:
+    """A model stepped along seeded directions with forward passes only: no graph, no optimiser state."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg, self.settings = cfg, cfg.fedkseed
+        base, self.tokenizer = workload.base_model(cfg)
+        model: nn.Module = base
+        self.adapter: LoraAdapter | None = None
+        if self.settings.params == "lora":
+            family = str(getattr(model.config, "model_type", ""))
+            self.adapter = LoraAdapter(LoraAdapterConfig(
+                rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.target_list(family)),
+                task=cfg.task, dropout=0.0))
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)  # peft draws A from the global RNG: identical on every node
+                model = self.adapter.attach(model)
+            trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        else:
+            trained = list(model.named_parameters())  # tied weights once
+        model.requires_grad_(False)
+        model.eval()
+        self.model: nn.Module = model
+        self.trained: dict[str, torch.Tensor] = dict(trained)  # the fixed order every z is drawn in
+        self.seeds = candidate_seeds(cfg.seed, self.settings.seeds)
+        self.sampler: UniformSeeds | WeightedSeeds = UniformSeeds()
+        self.record: dict[str, torch.Tensor] = upload_form(torch.zeros(0), torch.zeros(0), len(self.seeds))
+        self.version = 0
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.trained.values())
+
+    def load(self, state: Mapping[str, torch.Tensor], *, seed: int) -> None:
+        """FedKSeed-Pro's probabilities (absent: uniform); an upload's tensors restore the record."""
+        k = len(self.seeds)
+        unknown = set(state) - {PROBABILITIES_KEY, SUMS_KEY, INDEX_KEY, GRAD_KEY}
+        if unknown:
+            raise ValueError(f"fedkseed state: unexpected keys {sorted(unknown)[:3]}")
+        probabilities = state.get(PROBABILITIES_KEY)
+        if probabilities is None:
+            self.sampler = UniformSeeds()
+        elif tuple(probabilities.shape) != (k,) or not bool((probabilities >= 0).all()):
+            raise ValueError(f"fedkseed state: {PROBABILITIES_KEY} must be {k} numbers >= 0")
+        else:
+            self.sampler = WeightedSeeds(probabilities.to(torch.float32))
+        record = {key: v for key, v in state.items() if key != PROBABILITIES_KEY}
+        if record:
+            self.record = {key: v.clone() for key, v in record.items()}
+
+    def train(self, examples: Sequence[Example], spec: TrainSpec, *, seed: int) -> TrainResult:
+        """τ zeroth-order steps, then their record replayed backwards (back to the version held)."""
+        result, index, grads = self.descend(examples, spec, seed=seed)
+        k = len(self.seeds)
+        replay(self.params, self.seeds, -per_seed(index, grads, k), spec.lr)  # undo: w + η Σ g z
+        self.record = upload_form(index, grads, k)
+        return result
+
+    def descend(self, examples: Sequence[Example], spec: TrainSpec, *, seed: int
+                ) -> tuple[TrainResult, torch.Tensor, torch.Tensor]:
+        """τ steps, leaving the model at this client's final weights; the result, seed indices and g."""
+        k, eps = len(self.seeds), self.settings.epsilon
+        gen = torch.Generator().manual_seed(seed)
+        stream = batches(examples, spec.batch_size, seed)
+        pad, micro = self.tokenizer.pad_token_id, min(spec.micro_batch, spec.batch_size)
+        index, grads = [], []
+        start, total, seen, tokens = time.perf_counter(), 0.0, 0, 0
+        for _ in range(spec.steps):
+            step = next(stream)
+            parts = micro_batches_of(step, micro, pad)
+            i = self.sampler.draw(k, gen)
+            result = zo_step(self.params, self.seeds[i], functools.partial(batch_loss, self.model, parts),
+                             epsilon=eps, lr=spec.lr)
+            index.append(i)
+            grads.append(result.grad)
+            total += result.loss
+            seen += len(step)
+            tokens += sum(int(p["attention_mask"].sum()) for p, _ in parts)
+        done = TrainResult(total / max(spec.steps, 1), seen, tokens, time.perf_counter() - start)
+        return done, torch.tensor(index, dtype=torch.int64), torch.tensor(grads, dtype=torch.float64)
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        """The last training's (index, g) pairs or per-seed sums, whichever is fewer bytes."""
+        return {key: v.clone() for key, v in self.record.items()}
+
+    def merge(self, update: SeedSums) -> None:
+        """w ← w − η Σ_s G_s z(s): one regeneration per seed with a nonzero sum."""
+        replay(self.params, self.seeds, update.sums, self.settings.lr)
+        self.version += update.span
+
+    def fingerprint(self) -> float:
+        """Of every trained tensor (what merges write)."""
+        return fingerprint(self.trained)
+
+    def save(self, folder: Path) -> None:
+        """``lora``: the adapter in peft format; ``full``: w − w0 of every weight (:data:`DELTA_FILE`)."""
+        if self.adapter is not None:
+            self.model.save_pretrained(str(folder))  # type: ignore[operator]
+            return
+        base, _ = workload.base_model(self.cfg)
+        start = dict(base.named_parameters())
+        delta = {}
+        for name, w in self.trained.items():
+            module, _, kind = name.rpartition(".")  # "<module>.weight" -> "<module>.D"
+            key = f"{module}.D" if kind == "weight" else f"{name}.D"
+            delta[key] = (w.detach() - start[name].detach()).to(torch.float32).contiguous()
+        save_file(delta, str(folder / DELTA_FILE))
+
+
+class FedKSeedMethod:
+    """FedKSeed's method: zeroth-order steps on K shared seeds, inference-level memory."""
+
+    name: ClassVar[str] = "fedkseed"
+    settings_table: ClassVar[str] = "fedkseed"
+    title: ClassVar[str] = "FedKSeed"
+    update_type: ClassVar[type[SeedSums]] = SeedSums
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def calibration_size(self) -> int:
+        return 0
+
+    def dims(self) -> ModelDims:
+        """The model's shapes, with the LoRA targets (the adapter of ``params = "lora"``)."""
+        return workload.dims(self.cfg, "lora")
+
+    def candidates(self, dims: ModelDims, client: int) -> list[Plan]:
+        """Longer sequences, then larger micro-batches (no backward pass: nothing to checkpoint)."""
+        return [Plan(self.name, b, self.cfg.batch_size // b, t, False)
+                for t in seq_len_steps(self.cfg.max_seq_len, dims.max_positions)
+                for b in micro_batches(self.cfg.batch_size)]
+
+    def estimate(self, dims: ModelDims, plan: Plan) -> Estimate:
+        """Inference level: weights, one direction tensor, one forward's activations and the logits."""
+        task, rank = self.cfg.task, self.cfg.lora.rank
+        head = dims.head_params(task) if task == "classification" else 0
+        if self.cfg.fedkseed.params == "lora":
+            adapter = dims.lora_params(rank)
+            largest = max([rank * max(t.in_features, t.out_features) for t in dims.targets] + [head])
+            weights = dims.params(task) + adapter + head  # peft keeps a copy of a trained head
+        else:
+            weights = dims.params(task)
+            largest = max(dims.vocab * dims.hidden, dims.intermediate * dims.hidden, head)
+        return memory.estimate(dims, plan, task, weights=weights, largest=largest)
+
+    def spec(self, plan: Plan) -> TrainSpec:
+        """``fedkseed.steps`` zeroth-order steps of ``batch-size`` examples at ``fedkseed.lr``."""
+        s = self.cfg.fedkseed
+        return TrainSpec(steps=s.steps, batch_size=self.cfg.batch_size, lr=s.lr, micro_batch=plan.micro_batch)
+
+    def client(self, plan: Plan) -> ZerothOrderTrainee:
+        return ZerothOrderTrainee(self.cfg)
+
+    def server(self) -> ZerothOrderTrainee:
+        return ZerothOrderTrainee(self.cfg)
+
+    def initial_state(self, server: ZerothOrderTrainee) -> dict[str, torch.Tensor]:
+        """Nothing: every node builds the same starting model from the run seed."""
+        return {}
+
+    def sample_update(self, trainee: ZerothOrderTrainee, seed: int) -> SeedSums:
+        """Sums on five random seeds."""
+        gen = torch.Generator().manual_seed(seed)
+        sums = torch.zeros(len(trainee.seeds))
+        sums[torch.randint(len(trainee.seeds), (5,), generator=gen)] = torch.randn(5, generator=gen)
+        return SeedSums(sums)
+
+    def export_view(self) -> Exportable:
+        """``lora``: the adapter as any LoRA checkpoint; ``full``: w − w0 merged into the base."""
+        return Exportable(base_delta=DELTA_FILE if self.cfg.fedkseed.params == "full" else None)
