@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # torch only for the types: the registry and `pollinate --hel
 Example = dict[str, Any]
 """One encoded example: ``input_ids``, ``attention_mask``, ``labels``."""
 
+SYNC_TOLERANCE = 1e-6
+"""Relative difference of fingerprints above which a client trained on another frozen part. The server
+and a client merge the same fp32 updates; only thread-count-dependent summation order differs."""
+
 
 def check_state(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
     """Raise ValueError unless ``state`` has exactly the keys of ``shapes``, each of that shape.
@@ -44,7 +48,6 @@ def check_state(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...
     for key, shape in shapes.items():
         if tuple(state[key].shape) != tuple(shape):
             raise ValueError(f"{what}: {key} has shape {tuple(state[key].shape)}, expected {tuple(shape)}")
-"""One encoded example: ``input_ids``, ``attention_mask``, ``labels``."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,9 @@ class Method(Protocol):
     """The method's :class:`Update` class."""
     cfg: RunConfig
     """The run configuration it was built from."""
+    sync_tolerance: float
+    """Relative fingerprint difference a client's frozen part may show and still count as the server's
+    (:data:`SYNC_TOLERANCE` unless training leaves round-off in it)."""
 
     def calibration_size(self) -> int:
         """Examples of the training pool the server keeps for itself (no client holds them)."""

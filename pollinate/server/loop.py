@@ -29,9 +29,6 @@ from pollinate.strategies import PollinateStrategy, build_strategy
 
 PULL_INTERVAL = 0.1  # seconds between polls for replies
 ROUND_TIMEOUT = 3600.0  # seconds a round waits for its replies
-# Relative difference of fingerprints above which a client trained on another frozen part. The server
-# and a client merge the same fp32 updates; only thread-count-dependent summation order differs.
-FINGERPRINT_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -95,9 +92,9 @@ def failed_event(server_round: int, reply: Message) -> dict[str, Any]:
             "reason": reply.error.reason}
 
 
-def out_of_sync(report: ClientReport, server_fingerprint: float) -> bool:
+def out_of_sync(report: ClientReport, server_fingerprint: float, tolerance: float) -> bool:
     """True when a client trained on another frozen part than the server holds (exactness guard)."""
-    return abs(report.fingerprint - server_fingerprint) > FINGERPRINT_TOLERANCE * max(
+    return abs(report.fingerprint - server_fingerprint) > tolerance * max(
         abs(server_fingerprint), 1.0)
 
 
@@ -166,7 +163,7 @@ class Federation:
     def screen(self, server_round: int, replies: list[Message], sent: dict[int, int]
                ) -> tuple[list[ClientReport], list[dict[str, Any]]]:
         """Record every reply; keep the reports of clients that trained on the server's frozen part."""
-        server_fp = self.model.fingerprint()
+        server_fp, tolerance = self.model.fingerprint(), self.strategy.method.sync_tolerance
         kept, accepted = [], []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -174,7 +171,7 @@ class Federation:
                 self.run_dir.append_event(failed_event(server_round, reply))
                 self.totals.failed += 1
                 continue
-            if wants_catch_up(reply) or out_of_sync(report := ClientReport.of(reply), server_fp):
+            if wants_catch_up(reply) or out_of_sync(report := ClientReport.of(reply), server_fp, tolerance):
                 reason = "base still behind after catch-up" if wants_catch_up(reply) else "base out of sync"
                 self.run_dir.append_event({"round": server_round, "event": "rejected", "node_id": node,
                                            "reason": reason})

@@ -14,7 +14,6 @@ from pollinate import methods
 from pollinate.config import RunConfig
 from pollinate.methods.base import Method, Trainee
 from pollinate.methods.plan import Plan
-from pollinate.server.loop import FINGERPRINT_TOLERANCE
 
 # The strategy that trains each method (the strategy determines the method).
 STRATEGY = {"lora": "fedit", "lora_sb": "fedsb", "fedkseed": "fedkseed"}
@@ -66,7 +65,7 @@ def test_merging_a_combination_equals_merging_in_order(name: str, model: str, ta
     one_by_one.merge(u2)
     assert together.version == one_by_one.version == 2
     # fp32 merges in another order: within the tolerance the server's sync guard allows
-    assert together.fingerprint() == pytest.approx(one_by_one.fingerprint(), rel=FINGERPRINT_TOLERANCE)
+    assert together.fingerprint() == pytest.approx(one_by_one.fingerprint(), rel=method.sync_tolerance)
     a, b = _tensors(together), _tensors(one_by_one)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
@@ -74,7 +73,7 @@ def test_merging_a_combination_equals_merging_in_order(name: str, model: str, ta
     again = method.update_type.from_flat(method.update_type.combine([u1, u2]).to_flat(), span=2)
     fresh = _client(method)[0]
     fresh.merge(again)
-    assert fresh.fingerprint() == pytest.approx(together.fingerprint(), rel=FINGERPRINT_TOLERANCE)
+    assert fresh.fingerprint() == pytest.approx(together.fingerprint(), rel=method.sync_tolerance)
 
 
 @pytest.mark.parametrize(("name", "model", "task"), CASES)
@@ -93,7 +92,7 @@ def test_training_keeps_the_version_and_frozen_part(name: str, model: str, task:
     assert result.loss > 0 and result.examples == method.spec(plan).steps * method.spec(plan).batch_size
     # a method that moves its frozen part while training (FedKSeed) must restore it, to round-off
     assert trainee.version == version
-    assert trainee.fingerprint() == pytest.approx(frozen, rel=FINGERPRINT_TOLERANCE)
+    assert trainee.fingerprint() == pytest.approx(frozen, rel=method.sync_tolerance)
     assert any(not torch.equal(before[k], v) for k, v in trainee.upload().items())  # something trained
 
 

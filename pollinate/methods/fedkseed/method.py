@@ -4,8 +4,10 @@ A client takes τ zeroth-order steps, each along z(s) for a seed s drawn from K 
 every node, and uploads what it did as (seed index, g) pairs or as K per-seed sums, whichever is fewer
 bytes. The update every node merges is the per-seed sums of a round (weighted by examples): merging
 replays them, w ← w − η Σ_s G_s z(s), so the model is w0 − η Σ_s G_s z(s) and a node that missed
-rounds catches up from K numbers. After its steps a client replays its own sums backwards, so it holds
-the version it was sent (to round-off) until the next update arrives.
+rounds catches up from K numbers. After its steps a client returns to the version it was sent: with
+``params = "lora"`` by copying back the adapter it kept (exact; the adapter is small), with ``"full"`` by
+replaying its own sums backwards (no copy of the model: memory stays at inference level, and round-off
+stays in the weights, so the server's sync check allows :data:`REPLAY_TOLERANCE` there).
 
 ``fedkseed.params = "lora"`` moves only the tensors of a LoRA adapter (and a classification head);
 ``"full"`` moves every weight, as the paper.
@@ -27,7 +29,7 @@ from torch import nn
 from pollinate import workload
 from pollinate.aggregation import fingerprint
 from pollinate.config import RunConfig
-from pollinate.methods.base import Example, Exportable, TrainSpec
+from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, TrainSpec
 from pollinate.methods.fedkseed import memory
 from pollinate.methods.fedkseed.zo import (
     UniformSeeds,
@@ -46,6 +48,9 @@ INDEX_KEY, GRAD_KEY = "seed_index", "seed_grad"
 """An upload as τ pairs: the index of each step's seed among the K and its g."""
 PROBABILITIES_KEY = "seed_probabilities"
 """FedKSeed-Pro's K sampling probabilities, sent as the round's state."""
+REPLAY_TOLERANCE = 1e-4
+"""Relative fingerprint difference allowed with ``params = "full"``: undoing τ fp32 steps by replay leaves
+round-off (about 1e-6 relative after a round of tiny-llama's adapter, growing with steps and rounds)."""
 DELTA_FILE = "fedkseed_delta.safetensors"
 """With ``params = "full"``: w − w0 of every weight, merged into the base by the edge export."""
 
@@ -162,10 +167,16 @@ class ZerothOrderTrainee:
             self.record = {key: v.clone() for key, v in record.items()}
 
     def train(self, examples: Sequence[Example], spec: TrainSpec, *, seed: int) -> TrainResult:
-        """τ zeroth-order steps, then their record replayed backwards (back to the version held)."""
+        """τ zeroth-order steps, then back to the version held (see the module docstring)."""
+        kept = [p.detach().clone() for p in self.params] if self.adapter is not None else None
         result, index, grads = self.descend(examples, spec, seed=seed)
         k = len(self.seeds)
-        replay(self.params, self.seeds, -per_seed(index, grads, k), spec.lr)  # undo: w + η Σ g z
+        if kept is not None:
+            with torch.no_grad():
+                for p, saved in zip(self.params, kept, strict=True):
+                    p.copy_(saved)
+        else:
+            replay(self.params, self.seeds, -per_seed(index, grads, k), spec.lr)  # w + η Σ g z
         self.record = upload_form(index, grads, k)
         return result
 
@@ -230,6 +241,7 @@ class FedKSeedMethod:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.sync_tolerance = SYNC_TOLERANCE if cfg.fedkseed.params == "lora" else REPLAY_TOLERANCE
 
     def calibration_size(self) -> int:
         return 0
@@ -251,7 +263,7 @@ class FedKSeedMethod:
         if self.cfg.fedkseed.params == "lora":
             adapter = dims.lora_params(rank)
             largest = max([rank * max(t.in_features, t.out_features) for t in dims.targets] + [head])
-            weights = dims.params(task) + adapter + head  # peft keeps a copy of a trained head
+            weights = dims.params(task) + 2 * (adapter + head)  # peft's head copy; the kept adapter
         else:
             weights = dims.params(task)
             largest = max(dims.vocab * dims.hidden, dims.intermediate * dims.hidden, head)

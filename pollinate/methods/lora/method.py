@@ -18,7 +18,7 @@ from pollinate import workload
 from pollinate.aggregation import Delta, apply_delta, fingerprint
 from pollinate.config import RunConfig
 from pollinate.files import UPDATES_FILE
-from pollinate.methods.base import Example, Exportable, TrainSpec
+from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, TrainSpec
 from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig, State
 from pollinate.methods.lora.memory import LoraEstimator
 from pollinate.methods.lora.update import LowRankUpdate
@@ -115,6 +115,7 @@ class LoraMethod:
     settings_table: ClassVar[str] = "lora"
     title: ClassVar[str] = "LoRA"
     update_type: ClassVar[type[LowRankUpdate]] = LowRankUpdate
+    sync_tolerance: float = SYNC_TOLERANCE
     estimator: ClassVar[LoraEstimator] = LoraEstimator()
 
     def __init__(self, cfg: RunConfig, variant: Shared | None = None,

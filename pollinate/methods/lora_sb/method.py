@@ -22,7 +22,7 @@ from pollinate import workload
 from pollinate.aggregation import fingerprint
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, collate, encode_dataset
-from pollinate.methods.base import Example, Exportable, TrainSpec, check_state
+from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, TrainSpec, check_state
 from pollinate.methods.lora.memory import LoraEstimator
 from pollinate.methods.lora_sb.init import init_factors, target_gradients
 from pollinate.methods.lora_sb.layer import A_KEY, B_KEY, R_KEY, Factors, install_factors, wrap
@@ -148,6 +148,7 @@ class LoraSbMethod:
     settings_table: ClassVar[str] = "fedsb"
     title: ClassVar[str] = "LoRA-SB"
     update_type: ClassVar[type[FrozenFactors]] = FrozenFactors
+    sync_tolerance: float = SYNC_TOLERANCE
     estimator: ClassVar[LoraEstimator] = LoraEstimator()
 
     def __init__(self, cfg: RunConfig) -> None:

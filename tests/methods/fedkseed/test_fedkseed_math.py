@@ -45,7 +45,8 @@ def test_the_same_seed_gives_bit_identical_directions_in_two_processes() -> None
     here = _digest(direction(_params(), seed))
     code = ("import hashlib, torch; from pollinate.methods.fedkseed.zo import direction; "
             f"ps = [torch.zeros(s) for s in {SHAPES!r}]; "
-            f"print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in direction(ps, {seed}))).hexdigest())")
+            f"z = direction(ps, {seed}); "
+            "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in z)).hexdigest())")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert there.stdout.strip() == here
     assert _digest(direction(_params(), seed + 1)) != here
@@ -111,7 +112,8 @@ def test_combined_updates_replay_as_the_updates_in_turn() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("steps", "k", "form"), [(200, 4096, {INDEX_KEY, GRAD_KEY}), (600, 1024, {SUMS_KEY})])
+@pytest.mark.parametrize(("steps", "k", "form"),
+                         [(200, 4096, {INDEX_KEY, GRAD_KEY}), (600, 1024, {SUMS_KEY})])
 def test_the_upload_is_the_fewer_bytes_of_pairs_and_sums(steps: int, k: int, form: set[str]) -> None:
     gen = torch.Generator().manual_seed(0)
     index, grads = torch.randint(k, (steps,), generator=gen), torch.randn(steps, generator=gen)
