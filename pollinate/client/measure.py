@@ -22,7 +22,7 @@ from torch import nn
 from pollinate.methods.lora.method import LoraPlan
 from pollinate.methods.plan import Plan
 
-__all__ = ["Measurement", "measure_method_peak", "measure_peak"]
+__all__ = ["Measurement", "measure_forward_peak", "measure_method_peak", "measure_peak"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,18 @@ def measure_method_peak(method: str, settings: Mapping[str, Any], plan: Plan, *,
     return _run_child("_measure_method_main", request, f"{method} at {plan.describe()}", timeout)
 
 
+def measure_forward_peak(model: str, task: str, plan: Plan, *, steps: int = 3, limit_heap: bool = True,
+                         timeout: float = 900.0) -> Measurement:
+    """The reference of an inference-level method: ``steps`` forward passes with the loss, no graph.
+
+    The child loads the bare base model and computes the loss of each step's batch (micro-batches of
+    ``plan.micro_batch``) under ``torch.no_grad``, as a zeroth-order step's forward passes do.
+    """
+    request = {"model": model, "task": task, "plan": dataclasses.asdict(plan), "steps": steps,
+               "limit_heap": limit_heap}
+    return _run_child("_measure_forward_main", request, f"a forward of {model} at {plan.describe()}", timeout)
+
+
 def _run_child(entry: str, request: dict[str, Any], label: str, timeout: float) -> Measurement:
     """Run ``entry`` of this module in a fresh interpreter with one thread; read its JSON line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -168,6 +180,30 @@ def _measure_method_main(request_json: str) -> None:
     _touch(trainee.model)
     spec = TrainSpec(request["steps"], plan.effective_batch, 1e-4, plan.micro_batch)
     _report(baseline, peak_bytes() - baseline, lambda: trainee.train(examples, spec, seed=0))
+
+
+def _measure_forward_main(request_json: str) -> None:
+    """Child side of :func:`measure_forward_peak`: print one JSON line with the measurement."""
+    request = json.loads(request_json)
+    _child_start(request)
+    from pollinate import models
+    from pollinate.client.memory import peak_bytes, reset_peak
+    from pollinate.training import batch_loss, micro_batches_of
+
+    plan = Plan(**request["plan"])
+    reset_peak()
+    baseline = peak_bytes()
+    model, tokenizer = models.load_model(request["model"], request["task"])
+    model.eval()
+    examples = _synthetic_examples(plan, model.config.vocab_size, request["task"])
+    _touch(model)
+
+    def forward() -> None:
+        parts = micro_batches_of(examples, plan.micro_batch, tokenizer.pad_token_id)
+        for _ in range(request["steps"]):
+            batch_loss(model, parts)
+
+    _report(baseline, peak_bytes() - baseline, forward)
 
 
 def _measure_main(request_json: str) -> None:

@@ -33,8 +33,8 @@ def register(commands: Any) -> None:
     """Add the ``plan`` subcommand to the ``pollinate`` subparsers (``argparse`` ``_SubParsersAction``)."""
     plan = commands.add_parser(
         "plan", help="show the training plans a memory budget allows",
-        description="Estimate the peak memory of every LoRA training plan for a model and pick the "
-                    "most capable one that fits a budget (rank, then sequence length, then no "
+        description="Estimate the peak memory of every training plan of a method for a model and pick "
+                    "the most capable one that fits a budget (rank, then sequence length, then no "
                     "checkpointing, then larger micro-batches; the effective batch never changes).")
     plan.add_argument("--model", default="smollm2-135m-instruct",
                       help="a built-in model or a local folder (default smollm2-135m-instruct)")
@@ -43,11 +43,12 @@ def register(commands: Any) -> None:
     plan.add_argument("--seq-len", type=int, default=64, help="longest sequence cap (default 64)")
     plan.add_argument("--batch-size", type=int, default=4, help="effective batch (default 4)")
     ranks = plan.add_mutually_exclusive_group()
-    ranks.add_argument("--rank", type=int, help="the rank (default: the method's, LoRA 8, LoRA-SB 16)")
+    ranks.add_argument("--rank", type=int,
+                       help="the rank (default: the method's, LoRA 8, LoRA-SB 16; FedKSeed: its adapter's)")
     ranks.add_argument("--ranks", help="allowed ranks, comma-separated, e.g. 64,32,16,8")
     plan.add_argument("--targets", default="auto", help="the method's target modules (default auto)")
     plan.add_argument("--method", default="lora",
-                      help="a registered method: lora, lora_sb (default lora)")
+                      help="a registered method: lora, lora_sb, fedkseed (default lora)")
     plan.add_argument("--margin", type=float, default=0.9,
                       help="share of the budget an estimate may fill (default 0.9)")
     plan.add_argument("--all", action="store_true", help="print every candidate plan")
@@ -67,7 +68,7 @@ def _ranks(args: argparse.Namespace) -> list[int] | None:
 def _method(args: argparse.Namespace) -> Method:
     """The registered method ``--method`` for the request, built from a run configuration."""
     from pollinate import methods
-    from pollinate.config import RunConfig
+    from pollinate.config import RunConfig, flat_keys
     from pollinate.models import model_tasks
 
     name = args.method
@@ -75,6 +76,8 @@ def _method(args: argparse.Namespace) -> Method:
     values: dict[str, Any] = {"model": args.model, "task": args.task or model_tasks(args.model)[0],
                               "batch-size": args.batch_size, "max-seq-len": args.seq_len}
     table = method_class.settings_table
+    if f"{table}.rank" not in flat_keys(RunConfig):  # FedKSeed's adapter is set in the lora table
+        table = "lora"
     values[f"{table}.targets"] = args.targets
     if args.rank is not None:
         values[f"{table}.rank"] = args.rank

@@ -294,6 +294,22 @@ def test_lora_sb_estimates_match_its_measured_peaks() -> None:
                        measure_method_peak("lora_sb", settings, plan, timeout=120).peak) for plan in plans])
 
 
+def test_fedkseed_estimates_match_its_measured_peaks() -> None:
+    """The zeroth-order trainee itself takes 3 steps in a fresh process, in both modes; within ±25%."""
+    from pollinate.client.measure import measure_method_peak
+    from pollinate.methods import build
+    from pollinate.methods.plan import Plan
+
+    results = []
+    cases = (("lora", Plan("fedkseed", 4, 1, 64, False)), ("full", Plan("fedkseed", 8, 1, 128, False)))
+    for params, plan in cases:
+        settings = {"model": "tiny-llama", "strategy": "fedkseed", "fedkseed.params": params}
+        method = build("fedkseed", RunConfig.from_run_config(settings))
+        results.append((f"{params} {plan.describe()}", method.estimate(method.dims(), plan).total,
+                        measure_method_peak("fedkseed", settings, plan, timeout=120).peak))
+    _check_estimates(results)
+
+
 # --------------------------------------------------------------------------------------------------
 # pollinate plan
 # --------------------------------------------------------------------------------------------------
@@ -319,6 +335,15 @@ def test_plan_command_plans_lora_sb(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.count("→ chosen") == 1
     assert "LoRA-SB" in out and "chosen: lora_sb, batch" in out and "base weights" in out
+
+
+def test_plan_command_fits_fedkseed_where_no_lora_plan_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    """Inference-level memory: SmolLM2 at 680 MB has no LoRA plan (its smallest needs about 693 MB)."""
+    with pytest.raises(ValueError, match=r"^--budget: 680 MB is too small for any LoRA plan"):
+        _run_plan(["--budget", "680MB"])
+    assert _run_plan(["--method", "fedkseed", "--budget", "680MB"]) == 0
+    out = capsys.readouterr().out
+    assert "FedKSeed" in out and "chosen: fedkseed, batch" in out and "weights" in out
 
 
 def test_plan_command_errors_are_one_line_value_errors() -> None:
