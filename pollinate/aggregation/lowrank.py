@@ -29,10 +29,10 @@ class Delta:
         return self.left @ self.right
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """m, n of the update, without forming it."""
+    def shape(self) -> tuple[int, ...]:
+        """m, n of the update, without forming it (a dense delta of a vector: its one dimension)."""
         if self.dense is not None:
-            return self.dense.shape[0], self.dense.shape[1]
+            return tuple(self.dense.shape)
         assert self.left is not None and self.right is not None
         return self.left.shape[0], self.right.shape[1]
 

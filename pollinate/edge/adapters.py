@@ -61,6 +61,8 @@ class Checkpoint:
     base_delta: Path | None = None
     """Updates merged into the base weights during the federation (``<module>.D``, or ``.L`` and ``.R``
     with ΔW = L R, by peft module name), when the method merges any and some were merged."""
+    adapter: bool = True
+    """False when the method trained no adapter (its peft view has zero factors): merged export only."""
 
     @property
     def base_delta_sha256(self) -> str:
@@ -117,7 +119,8 @@ def resolve_checkpoint(source: Path) -> Checkpoint:
         if not isinstance(run_config.get(key), str):
             raise ValueError(f"{config_path}: has no {key!r}")
     return Checkpoint(folder=folder.resolve(), run_config=run_config, method=str(written.get("method", "")),
-                      base_delta=base_delta.resolve() if base_delta else None)
+                      base_delta=base_delta.resolve() if base_delta else None,
+                      adapter=bool((written.get("export") or {}).get("adapter", True)))
 
 
 # --------------------------------------------------------------------------------------------------

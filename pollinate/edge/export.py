@@ -286,16 +286,25 @@ def apply_base_delta(base: nn.Module, path: Path | None) -> None:
     delta = from_flat(load_file(str(path)))
     weights: dict[str, torch.Tensor] = {}
     for name, d in delta.items():
-        try:
-            module = base.get_submodule(name.removeprefix("base_model.model."))  # peft name -> base name
-        except AttributeError:
-            raise ValueError(f"{path}: {name} is not a module of the base model") from None
-        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        weight = _delta_target(base, name.removeprefix("base_model.model."), path)  # peft name -> base
         if tuple(weight.shape) != d.shape:
             raise ValueError(f"{path}: {name} has a delta of shape {d.shape}, the weight "
                              f"{tuple(weight.shape)}")
         weights[name] = weight
     apply_delta(weights, delta)
+
+
+def _delta_target(base: nn.Module, name: str, path: Path) -> torch.Tensor:
+    """The weight a delta entry names: a module's ``weight``, or a parameter by its full name."""
+    try:
+        weight: torch.Tensor = base.get_submodule(name).weight  # type: ignore[assignment]
+        return weight
+    except AttributeError:
+        pass
+    try:
+        return base.get_parameter(name)
+    except AttributeError:
+        raise ValueError(f"{path}: {name} is not a module or parameter of the base model") from None
 
 
 def _seeded(name: str, task: str) -> bool:
@@ -453,6 +462,10 @@ def export_bundle(source: Path, out: Path, *, quantization: str = "none", adapte
     quantize.check_choice("--adapters", adapter_mode, ADAPTER_MODES)
     key = manifest.load_private_key(sign_key) if sign_key is not None else None
     checkpoint = adapters.resolve_checkpoint(source)
+    if adapter_mode == "separate" and not checkpoint.adapter:
+        raise ValueError(f"--adapters: 'separate' is not allowed for this checkpoint; its method "
+                         f"({checkpoint.method}) trained every weight, so there is no adapter to ship: "
+                         "use --adapters merged")
     peft_adapter = adapters.read_adapter(checkpoint.folder)
     _prepare_out(out)
     try:

@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # torch only for the types: the registry and `pollinate --hel
 Example = dict[str, Any]
 """One encoded example: ``input_ids``, ``attention_mask``, ``labels``."""
 
+HEADS = ("classifier", "score")
+"""Classification heads of the supported families (BERT's ``classifier``, Llama's ``score``)."""
+
 SYNC_TOLERANCE = 1e-6
 """Relative difference of fingerprints above which a client trained on another frozen part. The server
 and a client merge the same fp32 updates; only thread-count-dependent summation order differs."""
@@ -73,7 +76,11 @@ class Exportable:
 
     base_delta: str | None = None
     """The checkpoint file of updates merged into the base weights (``<module>.D`` or ``.L``/``.R``,
-    by peft module name), applied to the base before the adapter; None when the method merges none."""
+    by peft module name, or ``<parameter>.D`` for a weight that is not a module's ``weight``), applied to
+    the base before the adapter; None when the method merges none."""
+    adapter: bool = True
+    """False when the peft view holds no trained adapter (its factors are zero: every weight trained
+    into the base delta), so only a merged export makes sense."""
 
 
 class Update(Protocol):

@@ -182,3 +182,30 @@ def test_bad_settings_get_one_line(setting: str, message: str, tmp_path: Path,
     assert len(err.splitlines()) == 1
     assert re.match(message, err), err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # nothing started
+
+
+@pytest.mark.parametrize(("model", "task"), [("tiny-llama", "generation"), ("tiny-bert", "classification")])
+def test_full_parameters_export_merged_and_refuse_separate(model: str, task: str, tmp_path: Path) -> None:
+    """Every weight moves; the merged bundle computes the replayed model; no adapter to ship."""
+    import numpy as np
+
+    from pollinate.edge.export import export_bundle
+    from pollinate.edge.runtime import EdgeModel
+
+    run = _simulate(tmp_path, f"model={model}", f"task={task}", "fedkseed.params=full", "rounds=1",
+                    "num-clients=2", "save-updates=false")
+    with pytest.raises(ValueError, match=r"^--adapters: 'separate' is not allowed for this checkpoint; "
+                                         r"its method \(fedkseed\) trained every weight"):
+        export_bundle(run, tmp_path / "separate", adapter_mode="separate")
+    edge = EdgeModel(export_bundle(run, tmp_path / "bundle") and tmp_path / "bundle")
+    cfg = _cfg(f"model={model}", f"task={task}", "fedkseed.params=full", "num-clients=2")
+    replayed = ZerothOrderTrainee(cfg)
+    folder = run / "checkpoints" / "round-0001"
+    replayed.merge(SeedSums.from_flat(load_file(str(folder / "updates.safetensors"))))
+    assert float(SeedSums.from_flat(load_file(str(folder / "updates.safetensors"))).sums.abs().sum()) > 0
+    ids = np.array([[5, 17, 33, 2, 9, 41]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        want = replayed.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+    got = edge.logits(ids, mask)
+    np.testing.assert_allclose(got.reshape(want.shape), want.numpy(), rtol=0, atol=1e-3)

@@ -16,6 +16,7 @@ stays in the weights, so the server's sync check allows :data:`REPLAY_TOLERANCE`
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from torch import nn
 from pollinate import workload
 from pollinate.aggregation import fingerprint
 from pollinate.config import RunConfig
-from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, TrainSpec
+from pollinate.data import CLASSIFICATION
+from pollinate.methods.base import HEADS, SYNC_TOLERANCE, Example, Exportable, TrainSpec
 from pollinate.methods.fedkseed import memory
 from pollinate.methods.fedkseed.zo import (
     UniformSeeds,
@@ -217,18 +219,36 @@ class ZerothOrderTrainee:
         return fingerprint(self.trained)
 
     def save(self, folder: Path) -> None:
-        """``lora``: the adapter in peft format; ``full``: w − w0 of every weight (:data:`DELTA_FILE`)."""
+        """``lora``: the adapter in peft format. ``full``: w − w0 of every weight (:data:`DELTA_FILE`)
+        and a peft view with zero factors that carries a classification head, so the edge export
+        reads the checkpoint as any other (merged only)."""
         if self.adapter is not None:
             self.model.save_pretrained(str(folder))  # type: ignore[operator]
             return
+        heads = sorted({n.split(".")[0] for n in self.trained if n.split(".")[0] in HEADS}
+                       if self.cfg.task == CLASSIFICATION else set())
         base, _ = workload.base_model(self.cfg)
         start = dict(base.named_parameters())
-        delta = {}
+        delta, view = {}, {}
         for name, w in self.trained.items():
+            if name.split(".")[0] in heads:
+                view[f"base_model.model.{name}"] = w.detach().clone()
+                continue
             module, _, kind = name.rpartition(".")  # "<module>.weight" -> "<module>.D"
             key = f"{module}.D" if kind == "weight" else f"{name}.D"
             delta[key] = (w.detach() - start[name].detach()).to(torch.float32).contiguous()
         save_file(delta, str(folder / DELTA_FILE))
+        targets = tuple(self.cfg.lora.target_list(str(getattr(self.model.config, "model_type", ""))))
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                view[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(1, module.in_features)
+                view[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(module.out_features, 1)
+        save_file(view, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none",
+            "target_modules": list(targets), "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
+            "modules_to_save": heads or None, "fan_in_fan_out": False, "init_lora_weights": True,
+            "use_rslora": False}, indent=2))
 
 
 class FedKSeedMethod:
@@ -293,4 +313,6 @@ class FedKSeedMethod:
 
     def export_view(self) -> Exportable:
         """``lora``: the adapter as any LoRA checkpoint; ``full``: w − w0 merged into the base."""
-        return Exportable(base_delta=DELTA_FILE if self.cfg.fedkseed.params == "full" else None)
+        if self.cfg.fedkseed.params == "full":
+            return Exportable(base_delta=DELTA_FILE, adapter=False)
+        return Exportable(base_delta=None)

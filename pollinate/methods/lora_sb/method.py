@@ -22,7 +22,7 @@ from pollinate import workload
 from pollinate.aggregation import fingerprint
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, collate, encode_dataset
-from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, TrainSpec, check_state
+from pollinate.methods.base import HEADS, SYNC_TOLERANCE, Example, Exportable, TrainSpec, check_state
 from pollinate.methods.lora.memory import LoraEstimator
 from pollinate.methods.lora_sb.init import init_factors, target_gradients
 from pollinate.methods.lora_sb.layer import A_KEY, B_KEY, R_KEY, Factors, install_factors, wrap
@@ -32,8 +32,6 @@ from pollinate.training import TrainResult, enable_checkpointing, train_local
 R0_KEY = "sb_R0"
 STATE_FILE = "lora_sb.safetensors"
 """A checkpoint's trainable state (every R, and a trained head) for resume."""
-HEADS = ("classifier", "score")
-"""Classification heads that train beside R (they start random: a frozen one could not learn)."""
 
 
 @dataclass(frozen=True)
