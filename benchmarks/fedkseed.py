@@ -128,8 +128,8 @@ def time_part(repeats: int = 3) -> dict[str, Any]:
 def learning_part(fedit_steps: int) -> dict[str, Any]:
     """The demo configuration: fedkseed at its defaults, fedit at ``fedit_steps`` local steps."""
     out: dict[str, Any] = {}
-    fedit = {"strategy": "fedit", "local-steps": fedit_steps}
-    runs: dict[str, dict[str, Any]] = {"fedkseed": {"strategy": "fedkseed"}, f"fedit {fedit_steps} steps": fedit}
+    runs: dict[str, dict[str, Any]] = {"fedkseed": {"strategy": "fedkseed"}}
+    runs[f"fedit {fedit_steps} steps"] = {"strategy": "fedit", "local-steps": fedit_steps}
     for label, settings in runs.items():
         with tempfile.TemporaryDirectory() as work:
             done = run_simulate(settings, Path(work))
