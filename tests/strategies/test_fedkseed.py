@@ -15,6 +15,7 @@ from pollinate.cli import main
 from pollinate.config import RunConfig
 from pollinate.data import encode_dataset
 from pollinate.methods.fedkseed.method import (
+    DELTA_FILE,
     PROBABILITIES_KEY,
     FedKSeedMethod,
     SeedSums,
@@ -80,6 +81,31 @@ def test_the_servers_model_is_the_weighted_mean_of_the_clients_final_models(run:
         torch.testing.assert_close(server[name].double(), mean, rtol=0, atol=1e-5)
         moved = max(moved, float((server[name].double() - start.params[j].double()).abs().max()))
     assert moved > 1e-4  # the round moved the model
+
+
+def test_full_parameters_keep_the_weighted_mean_too(tmp_path: Path) -> None:
+    """Every weight moves (clients undo by replay); the server's w0 + delta is the clients' weighted mean."""
+    run = _simulate(tmp_path, "fedkseed.params=full", "rounds=1")
+    folder = run / "checkpoints" / "round-0001"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    nodes = manifest["accepted_nodes"]
+    assert len(nodes) == 3 and manifest["export"] == {"base_delta": DELTA_FILE, "adapter": False}
+    p = normalised_weights([manifest["weights"][str(n)] for n in nodes])
+    cfg = _cfg("fedkseed.params=full")
+    start = ZerothOrderTrainee(cfg)
+    finals = []
+    for node in nodes:
+        index, grads = uploaded_entries(load_file(str(folder / f"update-{node}.safetensors")))
+        params = [t.detach().double().clone() for t in start.params]
+        for i, g in zip(index.tolist(), grads.tolist(), strict=True):
+            shift(params, start.seeds[i], -cfg.fedkseed.lr * g)
+        finals.append(params)
+    delta = load_file(str(folder / DELTA_FILE))
+    for j, (name, w0) in enumerate(start.trained.items()):
+        module, _, kind = name.rpartition(".")
+        server = w0.double() + delta[f"{module}.D" if kind == "weight" else f"{name}.D"].double()
+        mean = sum(pk * f[j] for pk, f in zip(p, finals, strict=True))
+        torch.testing.assert_close(server, mean, rtol=0, atol=1e-5)
 
 
 def test_a_client_steps_as_its_record_says_and_comes_back(run: Path) -> None:
