@@ -3,23 +3,14 @@
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pollinate.cli import build_parser, main, resolve_config
+from pollinate.cli import build_parser, resolve_config
 
 TINY = ["--set", "model=tiny-llama", "--set", "eval-examples=8"]
-
-
-def _error(capsys: pytest.CaptureFixture[str], args: list[str], tmp_path: Path) -> str:
-    code = main(["simulate", "--run-dir", str(tmp_path / "run"), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert not (tmp_path / "run").exists()  # nothing ran
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pollinate: error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize(("args", "key"), [
@@ -41,19 +32,18 @@ def _error(capsys: pytest.CaptureFixture[str], args: list[str], tmp_path: Path) 
     (["--set", "rounds=2 partitioner=random"], "partitioner"),
     (["--set", "rounds=2", "strategy=fedfoo"], "strategy"),
 ])
-def test_bad_configuration(args: list[str], key: str, capsys: pytest.CaptureFixture[str],
-                           tmp_path: Path) -> None:
-    line = _error(capsys, TINY + args, tmp_path)
+def test_bad_configuration(args: list[str], key: str, simulate_error: Callable[[list[str]], str]) -> None:
+    line = simulate_error(TINY + args)
     assert line.startswith(f"pollinate: error: {key}:"), line
 
 
-def test_missing_data_file_and_field(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    line = _error(capsys, [*TINY, "--set", f"dataset={tmp_path / 'absent.jsonl'}"], tmp_path)
+def test_missing_data_file_and_field(simulate_error: Callable[[list[str]], str], tmp_path: Path) -> None:
+    line = simulate_error([*TINY, "--set", f"dataset={tmp_path / 'absent.jsonl'}"])
     assert "dataset" in line
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"})
                               for i in range(40)))
-    line = _error(capsys, [*TINY, "--set", f"dataset={data}", "--set", "partitioner=iid"], tmp_path)
+    line = simulate_error([*TINY, "--set", f"dataset={data}", "--set", "partitioner=iid"])
     assert "data.prompt-field" in line
 
 
@@ -63,10 +53,10 @@ def test_missing_data_file_and_field(capsys: pytest.CaptureFixture[str], tmp_pat
     (b"prompt,response\nHi,Caf\xe9\n", "is not UTF-8 text (byte 0xe9 at position 22)"),
 ])
 def test_empty_or_undecodable_data_file(content: bytes, problem: str,
-                                        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+                                        simulate_error: Callable[[list[str]], str], tmp_path: Path) -> None:
     data = tmp_path / "chat.csv"
     data.write_bytes(content)
-    line = _error(capsys, [*TINY, "--set", f"dataset={data}"], tmp_path)
+    line = simulate_error([*TINY, "--set", f"dataset={data}"])
     assert line.startswith(f"pollinate: error: dataset: {str(data)!r} {problem}"), line
 
 

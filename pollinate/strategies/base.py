@@ -164,9 +164,16 @@ class PollinateStrategy(FedAvg):
         return protocol.to_record(done[0].state), done[1]
 
 
+def refuse_client_ranks(cfg: RunConfig, reason: str) -> None:
+    """The one-line error for ``lora.ranks`` under a strategy whose clients all train the same shapes."""
+    if cfg.lora.ranks:
+        raise ValueError(f"lora.ranks: {cfg.lora.ranks!r} is not allowed with strategy {cfg.strategy!r}; "
+                         f"{reason}")
+
+
 def weights_of(reports: Sequence[ClientReport]) -> list[float]:
     """Each report's weight: its examples."""
     return [float(r.examples) for r in reports]
 
 
-__all__ = ["Aggregate", "Exchange", "PollinateStrategy", "weights_of"]
+__all__ = ["Aggregate", "Exchange", "PollinateStrategy", "refuse_client_ranks", "weights_of"]

@@ -27,7 +27,7 @@ from pollinate.methods.fedkseed.method import (
 )
 from pollinate.methods.fedkseed.zo import pro_probabilities
 from pollinate.protocol import ClientReport
-from pollinate.strategies.base import Aggregate, PollinateStrategy, weights_of
+from pollinate.strategies.base import Aggregate, PollinateStrategy, refuse_client_ranks, weights_of
 
 HISTORY_CLIP = 1000.0
 """|g| above this enters Pro's history clipped (the paper's default), so one outlier cannot dominate."""
@@ -42,9 +42,7 @@ class FedKSeed(PollinateStrategy):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """One model for every client: no per-client LoRA ranks."""
-        if cfg.lora.ranks:
-            raise ValueError(f"lora.ranks: {cfg.lora.ranks!r} is not allowed with strategy {cfg.strategy!r}; "
-                             "every client steps the same tensors: set lora.rank instead")
+        refuse_client_ranks(cfg, "every client steps the same tensors: set lora.rank instead")
 
     def combine(self, reports: Sequence[ClientReport]) -> Aggregate:
         """G_s = Σ_k p_k (client k's sum of g on seed s), p_k ∝ examples; the state for the next round."""

@@ -23,7 +23,7 @@ from pollinate.methods.lora_sb.layer import R_KEY
 from pollinate.methods.lora_sb.method import LoraSbMethod, LoraSbTrainee
 from pollinate.methods.lora_sb.rules import average_r
 from pollinate.protocol import ClientReport
-from pollinate.strategies.base import Aggregate, Exchange, PollinateStrategy, weights_of
+from pollinate.strategies.base import Aggregate, Exchange, PollinateStrategy, refuse_client_ranks, weights_of
 
 
 class FedSb(PollinateStrategy):
@@ -35,9 +35,7 @@ class FedSb(PollinateStrategy):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Equal ranks only, and a rank every target layer can hold (from the model's shapes alone)."""
-        if cfg.lora.ranks:
-            raise ValueError(f"lora.ranks: {cfg.lora.ranks!r} is not allowed with strategy 'fedsb'; "
-                             "every client trains the same r×r matrices: set fedsb.rank instead")
+        refuse_client_ranks(cfg, "every client trains the same r×r matrices: set fedsb.rank instead")
         smallest = min(min(t.in_features, t.out_features) for t in LoraSbMethod(cfg).dims().targets)
         if cfg.fedsb.rank > smallest:
             raise ValueError(f"fedsb.rank: {cfg.fedsb.rank} is not allowed; it must be at most {smallest}, "

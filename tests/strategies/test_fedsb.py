@@ -3,6 +3,8 @@ of the clients', A and B are identical on every node, the payload is r² per lay
 clients, and federated and server initialisation agree on the same examples."""
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from pollinate.cli import main
 from pollinate.config import RunConfig
 from pollinate.methods.lora_sb.method import STATE_FILE, FrozenFactors, LoraSbMethod, LoraSbTrainee
 from pollinate.protocol import ClientReport
+from pollinate.server.rundir import RunDir
 from pollinate.strategies import FedSb, build_strategy
 
 RANK = 4
@@ -34,8 +37,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _events(run: Path, kind: str) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
+    return [e for e in RunDir(run).events() if e["event"] == kind]
 
 
 def test_the_servers_r_is_the_weighted_mean_of_the_clients(run: Path) -> None:
@@ -137,12 +139,7 @@ def test_federated_initialisation_runs_end_to_end(tmp_path: Path) -> None:
     ("fedsb.init=clients", r"^fedsb\.init: 'clients' is not allowed; allowed: server, federated$"),
     ("lora.ranks=4,2,2", r"^lora\.ranks: '4,2,2' is not allowed with strategy 'fedsb'"),
 ])
-def test_bad_settings_get_one_line(setting: str, message: str, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["simulate", "--set", *SETTINGS, setting, "--run-dir", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip().removeprefix("pollinate: error: ")
-    assert len(err.splitlines()) == 1
-    import re
-
+def test_bad_settings_get_one_line(setting: str, message: str,
+                                   simulate_error: Callable[[list[str]], str]) -> None:
+    err = simulate_error(["--set", *SETTINGS, setting]).removeprefix("pollinate: error: ")
     assert re.match(message, err), err
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # nothing started

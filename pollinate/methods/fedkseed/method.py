@@ -40,7 +40,8 @@ from pollinate.methods.fedkseed.zo import (
     replay,
     zo_step,
 )
-from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
+from pollinate.methods.lora.adapter import LoraAdapter
+from pollinate.methods.lora.method import attach_shared_adapter
 from pollinate.methods.plan import Estimate, ModelDims, Plan, micro_batches, seq_len_steps
 from pollinate.training import TrainResult, batch_loss, batches, micro_batches_of
 
@@ -101,24 +102,6 @@ def uploaded_entries(flat: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return flat[INDEX_KEY].to(torch.int64), flat[GRAD_KEY].to(torch.float32)
 
 
-def check_upload(flat: Mapping[str, torch.Tensor], k: int, steps: int) -> None:
-    """Raise ValueError unless ``flat`` is an upload of ``steps`` steps over ``k`` seeds, finite."""
-    if set(flat) == {SUMS_KEY}:
-        if tuple(flat[SUMS_KEY].shape) != (k,):
-            raise ValueError(f"{SUMS_KEY} has shape {tuple(flat[SUMS_KEY].shape)}, expected ({k},)")
-    elif set(flat) == {INDEX_KEY, GRAD_KEY}:
-        index, grads = flat[INDEX_KEY], flat[GRAD_KEY]
-        if tuple(index.shape) != (steps,) or tuple(grads.shape) != (steps,):
-            raise ValueError(f"{steps} (index, g) pairs expected, got {tuple(index.shape)} and "
-                             f"{tuple(grads.shape)}")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= k):
-            raise ValueError(f"a seed index outside 0..{k - 1}")
-    else:
-        raise ValueError(f"keys {sorted(flat)[:3]}: expected {SUMS_KEY}, or {INDEX_KEY} and {GRAD_KEY}")
-    if not all(torch.isfinite(v.to(torch.float64)).all() for v in flat.values()):
-        raise ValueError("a g that is not finite")
-
-
 class ZerothOrderTrainee:
     """A model stepped along seeded directions with forward passes only: no graph, no optimiser state."""
 
@@ -128,13 +111,7 @@ class ZerothOrderTrainee:
         model: nn.Module = base
         self.adapter: LoraAdapter | None = None
         if self.settings.params == "lora":
-            family = str(getattr(model.config, "model_type", ""))
-            self.adapter = LoraAdapter(LoraAdapterConfig(
-                rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.target_list(family)),
-                task=cfg.task, dropout=0.0))
-            with torch.random.fork_rng():
-                torch.manual_seed(cfg.seed)  # peft draws A from the global RNG: identical on every node
-                model = self.adapter.attach(model)
+            self.adapter, model = attach_shared_adapter(cfg, model, cfg.lora.rank, dropout=0.0)
             trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         else:
             trained = list(model.named_parameters())  # tied weights once

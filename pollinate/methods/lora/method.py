@@ -59,18 +59,25 @@ def lora_candidates(dims: ModelDims, ranks: Sequence[int], batch_size: int, seq_
             for b in micro_batches(batch_size)]
 
 
+def attach_shared_adapter(cfg: RunConfig, model: nn.Module, rank: int, dropout: float
+                          ) -> tuple[LoraAdapter, nn.Module]:
+    """A peft LoRA adapter at ``rank`` on ``lora.targets``, its A drawn from the run seed: identical on
+    every node (peft draws A from the global RNG, so the draw is forked and seeded here)."""
+    family = str(getattr(getattr(model, "config", None), "model_type", ""))
+    adapter = LoraAdapter(LoraAdapterConfig(rank=rank, alpha=cfg.lora.alpha,
+                                            targets=tuple(cfg.lora.target_list(family)), task=cfg.task,
+                                            dropout=dropout))
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return adapter, adapter.attach(model)
+
+
 class LoraTrainee:
     """A base model with one peft LoRA adapter, kept for the life of a process."""
 
     def __init__(self, cfg: RunConfig, rank: int, variant: Shared, checkpointing: bool = False) -> None:
         model, self.tokenizer = workload.base_model(cfg)
-        family = getattr(model.config, "model_type", "")
-        self.adapter = LoraAdapter(LoraAdapterConfig(
-            rank=rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.target_list(family)),
-            task=cfg.task, dropout=cfg.lora.dropout))
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)  # peft draws A from the global RNG: identical on every node
-            self.model: nn.Module = self.adapter.attach(model)
+        self.adapter, self.model = attach_shared_adapter(cfg, model, rank, cfg.lora.dropout)
         self.variant = variant
         variant.prepare(self.adapter, self.model)
         if checkpointing:
