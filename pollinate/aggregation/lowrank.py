@@ -106,12 +106,21 @@ def fingerprint(weights: Mapping[str, torch.Tensor]) -> float:
     """Σ over modules of ‖W‖² + uᵀ W v (u, v fixed ±-patterns): equal bases give equal values.
 
     Cheap (one matrix-vector product per module) and sensitive to any change a merge makes, so a server
-    can check that a client trained on the same base without receiving the weights.
+    can check that a client trained on the same base without receiving the weights. Taken in fp64 over
+    blocks of rows, so the temporaries stay near 8 MB even for an embedding table (FedKSeed's full
+    mode fingerprints every weight on an inference-sized device).
     """
     total = 0.0
     for w in weights.values():
-        w64 = w.detach().to(torch.float64).reshape(w.shape[0], -1)  # a vector as one column
-        u = (torch.arange(w64.shape[0], dtype=torch.float64) % 7) - 3
-        v = (torch.arange(w64.shape[1], dtype=torch.float64) % 5) - 2
-        total += float((w64 * w64).sum() + u @ w64 @ v)
+        matrix = w.detach().reshape(w.shape[0], -1)  # a vector as one column
+        v = (torch.arange(matrix.shape[1], dtype=torch.float64) % 5) - 2
+        rows = max(_FINGERPRINT_BLOCK // matrix.shape[1], 1)
+        for start in range(0, matrix.shape[0], rows):
+            block = matrix[start : start + rows].to(torch.float64)
+            u = (torch.arange(start, start + block.shape[0], dtype=torch.float64) % 7) - 3
+            total += float((block * block).sum() + u @ block @ v)
     return total
+
+
+_FINGERPRINT_BLOCK = 1 << 20
+"""Numbers per fp64 block of :func:`fingerprint`."""

@@ -48,10 +48,11 @@ class FedKSeed(PollinateStrategy):
         """G_s = Σ_k p_k (client k's sum of g on seed s), p_k ∝ examples; the state for the next round."""
         k = self.cfg.fedkseed.seeds
         weights = weights_of(reports)
+        whole = sum(weights)
         total = torch.zeros(k, dtype=torch.float64)
         for weight, report in zip(weights, reports, strict=True):
             index, grads = uploaded_entries(report.upload)
-            total += per_seed(index, grads, k).to(torch.float64) * (weight / sum(weights))
+            total += per_seed(index, grads, k).to(torch.float64) * (weight / whole)
         return Aggregate(state=self.next_state(reports), update=SeedSums(total.to(torch.float32)))
 
     def next_state(self, reports: Sequence[ClientReport]) -> dict[str, torch.Tensor]:
