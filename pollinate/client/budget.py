@@ -1,4 +1,4 @@
-"""Memory budgets: sizes in human units, and a heap that gives freed memory back.
+"""Memory budgets: sizes in human units, and a heap that gives freed memory back in small pages.
 
 A budget is a byte count a client declares: in simulation one per client in the run config
 (``memory.budgets = "8GB,4GB,2GB,1.5GB"``), in deployment in the node config
@@ -13,7 +13,7 @@ import ctypes.util
 import math
 import re
 
-__all__ = ["budget_list", "format_size", "limit_heap_retention", "parse_size"]
+__all__ = ["budget_list", "disable_huge_pages", "format_size", "limit_heap_retention", "parse_size"]
 
 _UNITS: dict[str, int] = {
     "": 1, "b": 1,
@@ -145,10 +145,11 @@ def budget_list(text: str, key: str = "memory.budgets") -> list[int]:
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 _MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, now fixed instead of growing to 32 MiB
+_PR_SET_THP_DISABLE = 41  # prctl option number in linux/prctl.h
 
 
 def limit_heap_retention() -> bool:
-    """Make glibc give every large freed block back to the system at once.
+    """Make glibc give every large freed block back to the system at once, in small pages.
 
     By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so the
     per-layer tensors of a training step come from the heap, which fragments and stays resident: the
@@ -156,18 +157,51 @@ def limit_heap_retention() -> bool:
     threshold of 128 KiB maps each tensor of at least that size on its own and unmaps it when freed,
     so the peak follows what the planner estimates. The price is system time: every fresh page is a
     page fault (SmolLM2, batch 2 x 128: about 0.8 s more CPU per step, +40%). Use it where a memory
-    budget must hold; call once per process, before the model is loaded.
+    budget must hold; call once per process, before the model is loaded. It also calls
+    :func:`disable_huge_pages`.
 
     Returns
     -------
     bool
         True when glibc accepted the setting; False elsewhere (musl, macOS), where nothing changes.
     """
+    disable_huge_pages()
+    libc = _libc()
+    try:
+        return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+    except AttributeError:
+        return False
+
+
+def disable_huge_pages() -> bool:
+    """Ask Linux not to back this process with transparent huge pages.
+
+    Where a host's THP mode is ``always``, the kernel maps anonymous memory in 2 MiB pages at a fault
+    and khugepaged later merges sparsely used ranges into them, so the interpreter's heap and arenas
+    and the tails of tensor mappings become resident in full: a step's peak then lies above what its
+    tensors need by an amount that depends on the host and on timing, not on the plan. Opting out
+    makes peaks the same on every host and costs nothing where the mode is ``madvise`` or ``never``.
+    The setting holds for the whole process and its children.
+
+    Returns
+    -------
+    bool
+        True when the kernel accepted it; False off Linux or on a kernel without the setting.
+    """
+    libc = _libc()
+    try:
+        zero = ctypes.c_ulong(0)
+        return libc is not None and libc.prctl(_PR_SET_THP_DISABLE, ctypes.c_ulong(1), zero, zero, zero) == 0
+    except AttributeError:
+        return False
+
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library, or None where there is none to load."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(name)
+    except OSError:
+        return None

@@ -130,14 +130,19 @@ def _run_child(entry: str, request: dict[str, Any], label: str, timeout: float) 
 
 
 def _child_start(request: dict[str, Any]) -> None:
-    """One torch thread, the client's heap policy, and the libraries of the runtime baseline."""
+    """One torch thread, small pages, the client's heap policy, and the libraries of the runtime baseline.
+
+    Huge pages are off even for a measurement on glibc's default heap: where a host maps them, peaks
+    differ from host to host by tens of megabytes for reasons that are not the plan's.
+    """
     import warnings
+
+    from pollinate.client.budget import disable_huge_pages, limit_heap_retention
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    disable_huge_pages()
     if request["limit_heap"]:
-        from pollinate.client.budget import limit_heap_retention
-
         limit_heap_retention()
     import peft  # noqa: F401  # part of the runtime baseline, like torch and transformers
 

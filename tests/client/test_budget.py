@@ -1,5 +1,8 @@
 """Memory sizes: parsing human units, printing them, per-client budget lists."""
 
+import subprocess
+import sys
+
 import pytest
 
 from pollinate.client.budget import budget_list, format_size, limit_heap_retention, parse_size
@@ -93,3 +96,11 @@ def test_budget_list_errors_name_the_key_and_the_entry() -> None:
 def test_limit_heap_retention_is_accepted_on_glibc() -> None:
     assert limit_heap_retention() in (True, False)  # never raises; True on glibc Linux
     assert limit_heap_retention() is limit_heap_retention()  # repeatable
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a Linux process setting")
+def test_the_heap_policy_turns_huge_pages_off_for_the_process() -> None:
+    code = ("from pollinate.client.budget import limit_heap_retention; limit_heap_retention(); "
+            "print(next(l for l in open('/proc/self/status') if l.startswith('THP_enabled')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["THP_enabled:", "0"]

@@ -1,8 +1,11 @@
 """The memory planner: model dimensions, the LoRA estimate, the plan search, measurement, the CLI."""
 
 import argparse
+import os
+import platform
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -262,10 +265,19 @@ MEASURED = [
 
 
 def _check_estimates(results: list[tuple[str, int, int]]) -> None:
-    """Every (label, estimate, measured peak) within ±25%; a failure lists every case, for the record."""
+    """Every (label, estimate, measured peak) within ±25%; a failure lists every case and the host."""
     lines = [f"{label}: estimate {est / 1e6:.1f} MB, measured {peak / 1e6:.1f} MB ({est / peak - 1:+.0%})"
              for label, est, peak in results]
+    lines.append(_host())
     assert all(peak > 0 and abs(est / peak - 1) <= 0.25 for _, est, peak in results), "\n".join(lines)
+
+
+def _host() -> str:
+    """What of the host can move a resident peak: architecture, page size, THP mode, CPU kernels."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return (f"host: {platform.machine()}, {os.sysconf('SC_PAGE_SIZE')} B pages, "
+            f"THP {thp.read_text().strip() if thp.exists() else 'n/a'}, "
+            f"torch CPU {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs")
 
 
 def test_estimates_match_measured_peaks_of_tiny_models() -> None:
