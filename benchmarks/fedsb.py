@@ -13,10 +13,12 @@ of fedsb also carries the one-time A, B and R0 down, reported apart), and the he
 accuracy) after every round. Goal (issue 9): fedsb sends at least 9x fewer bytes per round than fedit at
 equal or better final eval loss.
 
-``--lr-sweep`` first tries each strategy at ``--sweep-lrs`` on one seed that is not a reporting seed
-(so its held-out split is another draw) and then runs every variant at its best lr. ``--rounds`` changes
-the number of rounds (the 10-round setting). ``--memory`` measures a LoRA client's and a LoRA-SB
-client's peak at the same plan in fresh processes (``pollinate.client.measure``).
+``--lr-sweep`` first tries each strategy at its learning rates (``SWEEP_LRS``) on seed 0
+with ``eval-split = "validation"``: the server evaluates on a validation slice of the training pool that
+no client holds, never on the held-out split the results report; every variant then runs at its
+strategy's best lr (the lowest final validation loss). ``--rounds`` changes the number of rounds
+(the 10-round setting, which takes the 4-round setting's best lrs). ``--memory`` measures a LoRA
+client's and a LoRA-SB client's peak at the same plan in fresh processes (``pollinate.client.measure``).
 
     python benchmarks/fedsb.py --setting smollm2 --seeds 0 1 2
     python benchmarks/fedsb.py --setting minilm --seeds 0 1 2 --lr-sweep
@@ -38,6 +40,8 @@ from typing import Any
 
 from common import REPO, RESULTS, events_of, machine, read_events, run_simulate, table
 
+from pollinate.config import RunConfig
+
 DOC = REPO / "docs" / "benchmarks-fedsb.md"
 SETTINGS: dict[str, dict[str, Any]] = {
     "smollm2": {},  # the defaults of pyproject.toml: the demo
@@ -47,7 +51,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
                "eval-examples": 500, "sim.workers": 2},
 }
 LORA = ("fedit", "flora", "fedex")
-SWEEP_SEED = 100  # not a reporting seed: its held-out split is another random draw
+SWEEP_SEED = 0
+SWEEP_LRS: dict[str, dict[str, tuple[float, ...]]] = {  # around each setting's defaults
+    "smollm2": {"lora": (1e-3, 3e-3, 1e-2), "fedsb": (5e-3, 1e-2, 2e-2)},
+    "minilm": {"lora": (1e-3, 2e-3, 5e-3), "fedsb": (5e-3, 1e-2, 2e-2)},
+}
 
 
 def variants(ranks: list[int]) -> dict[str, dict[str, Any]]:
@@ -60,6 +68,12 @@ def variants(ranks: list[int]) -> dict[str, dict[str, Any]]:
 def lr_key(strategy: str) -> str:
     """The run-config key of a strategy's learning rate."""
     return "fedsb.lr" if strategy == "fedsb" else "lr"
+
+
+def lr_of(settings: dict[str, Any]) -> float:
+    """The learning rate a run trained its strategy's part with (its own key, or the default)."""
+    cfg = RunConfig.from_run_config(settings)
+    return cfg.fedsb.lr if cfg.strategy == "fedsb" else cfg.lr
 
 
 def one_run(settings: dict[str, Any]) -> dict[str, Any]:
@@ -93,16 +107,18 @@ def save(path: Path, out: dict[str, Any]) -> None:
     path.write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
-def sweep(base: dict[str, Any], lrs: list[float], out: dict[str, Any], path: Path) -> dict[str, float]:
-    """Each strategy's best lr by final eval loss on the sweep seed."""
+def sweep(base: dict[str, Any], grid: dict[str, tuple[float, ...]], out: dict[str, Any],
+          path: Path) -> dict[str, float]:
+    """Each strategy's best lr by final loss on the validation slice (seed ``SWEEP_SEED``)."""
     best = {}
     for strategy in (*LORA, "fedsb"):
+        lrs = grid["lora" if strategy in LORA else "fedsb"]
         for lr in lrs:
             label = f"{strategy} lr {lr:g}"
             if label not in out["sweep"]:
                 extra = {"lora.rank": 8} if strategy in LORA else {"fedsb.rank": 16}
-                out["sweep"][label] = one_run({**base, **extra, "strategy": strategy,
-                                               lr_key(strategy): lr, "seed": SWEEP_SEED})
+                out["sweep"][label] = one_run({**base, **extra, "strategy": strategy, lr_key(strategy): lr,
+                                               "seed": SWEEP_SEED, "eval-split": "validation"})
                 save(path, out)
         finals = {lr: out["sweep"][f"{strategy} lr {lr:g}"]["eval"][-1] for lr in lrs}
         best[strategy] = min(finals, key=lambda lr: finals[lr])
@@ -113,17 +129,20 @@ def run_setting(args: argparse.Namespace) -> None:
     base = {**SETTINGS[args.setting], **({"rounds": args.rounds} if args.rounds else {})}
     path = results_path(args.setting, args.rounds)
     out = load(path)
-    best = sweep(base, args.sweep_lrs, out, path) if args.lr_sweep else {}
-    out["best_lr"] = best
+    if args.lr_sweep:
+        out["best_lr"] = sweep(base, SWEEP_LRS[args.setting], out, path)
+    elif args.rounds:  # the longer setting trains at the lrs the 4-round sweep chose
+        out["best_lr"] = load(results_path(args.setting, None)).get("best_lr", {})
+    best = out.get("best_lr", {})
     for label, keys in variants(args.ranks).items():
         if args.only and label not in args.only:
             continue
         strategy = keys["strategy"]
-        lr = {lr_key(strategy): best[strategy]} if strategy in best else {}
+        settings = {**base, **keys, **({lr_key(strategy): best[strategy]} if strategy in best else {})}
         for seed in args.seeds:
-            key = f"{label} seed {seed}"
+            key = f"{label} lr {lr_of(settings):g} seed {seed}"
             if key not in out["runs"]:
-                result = one_run({**base, **keys, **lr, "seed": seed})
+                result = one_run({**settings, "seed": seed})
                 out["runs"][key] = {"label": label, "seed": seed, **result}
                 save(path, out)
     out["machine"] = machine()
@@ -136,10 +155,18 @@ def mean_sd(values: list[float], spec: str = ".3f") -> str:
     return f"{statistics.mean(values):{spec}} ± {statistics.stdev(values):{spec}}"
 
 
+def reported(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs at their strategy's best lr (all runs where there was no sweep)."""
+    best = out.get("best_lr") or {}
+    return [r for r in out["runs"].values() if (strategy := r["settings"]["strategy"]) not in best
+            or lr_of(r["settings"]) == best[strategy]]
+
+
 def setting_section(name: str, out: dict[str, Any]) -> list[str]:
-    labels = list(dict.fromkeys(r["label"] for r in out["runs"].values()))
-    by = {lab: [r for r in out["runs"].values() if r["label"] == lab] for lab in labels}
-    seeds = sorted({r["seed"] for r in out["runs"].values()})
+    runs_in = reported(out)
+    labels = list(dict.fromkeys(r["label"] for r in runs_in))
+    by = {lab: [r for r in runs_in if r["label"] == lab] for lab in labels}
+    seeds = sorted({r["seed"] for r in runs_in})
     fedit_up = statistics.mean(r["up"] for r in by.get("fedit r8", [])) if "fedit r8" in by else None
     rows, curves = [], []
     for lab, runs in by.items():
@@ -159,8 +186,8 @@ def setting_section(name: str, out: dict[str, Any]) -> list[str]:
              table(["run", *(f"round {i}" for i in range(len(curves[0]) - 1))], curves), ""]
     if out.get("sweep"):
         sweep_rows = [[k, f"{v['eval'][-1]:.3f}"] for k, v in out["sweep"].items()]
-        lines += [f"Learning-rate sweep (seed {SWEEP_SEED}, final eval loss):", "",
-                  table(["run", "final eval loss"], sweep_rows), ""]
+        lines += [f"Learning-rate sweep (seed {SWEEP_SEED}, final loss on the validation slice, not the "
+                  "held-out split):", "", table(["run", "final validation loss"], sweep_rows), ""]
     return lines
 
 
@@ -222,7 +249,6 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 8])
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--lr-sweep", action="store_true")
-    parser.add_argument("--sweep-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--only", nargs="+", help="run only these variants, e.g. 'fedit r8' 'fedsb r16'")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--docs-only", action="store_true")

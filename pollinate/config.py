@@ -26,6 +26,7 @@ from pollinate.methods.settings import key as _key
 from pollinate.methods.settings import positive as _positive
 
 Scalar = bool | int | float | str
+EVAL_SPLITS = ("held-out", "validation")
 
 @dataclass(frozen=True)
 class DataFields:
@@ -88,6 +89,9 @@ class RunConfig:
     strategy: str = field(default="fedit", metadata=_key("strategy"))
     eval_examples: int = field(default=24, metadata=_key("eval-examples"))
     """Size of the held-out split that no client sees; the server evaluates on it."""
+    eval_split: str = field(default="held-out", metadata=_key("eval-split"))
+    """What the server evaluates on: the ``held-out`` split, or a ``validation`` slice of the same size
+    drawn from the training pool (no client holds it either) for tuning without touching the held-out one."""
     save_updates: bool = field(default=False, metadata=_key("save-updates"))
     """Keep every accepted client update in the round's checkpoint (audits, exactness tests)."""
     run_dir: str = field(default="", metadata=_key("run-dir"))
@@ -102,6 +106,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise _fail("task", self.task, f"allowed: {', '.join(TASKS)}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise _fail("eval-split", self.eval_split, f"allowed: {', '.join(EVAL_SPLITS)}")
         if self.partitioner not in PARTITIONERS:
             raise _fail("partitioner", self.partitioner, f"allowed: {', '.join(PARTITIONERS)}")
         for key in ("dirichlet-alpha", "num-clients", "rounds", "local-steps", "batch-size",

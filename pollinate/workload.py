@@ -26,9 +26,16 @@ def _fields(cfg: RunConfig) -> Fields:
 
 @functools.lru_cache(maxsize=4)
 def splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
-    """(training pool, held-out split); the held-out examples never reach a client."""
+    """(training pool, the split the server evaluates on); neither split reaches a client.
+
+    With ``eval-split = "validation"`` the evaluated split is a slice of ``eval-examples`` drawn from
+    what would be the training pool, so the held-out split stays unseen while settings are tuned.
+    """
     ds = load_dataset(cfg.dataset_name, cfg.task, _fields(cfg))
-    return split_heldout(ds, cfg.eval_examples, cfg.seed)
+    train, heldout = split_heldout(ds, cfg.eval_examples, cfg.seed)
+    if cfg.eval_split == "validation":
+        return split_heldout(train, cfg.eval_examples, cfg.seed + 2)  # its own draw, as the calibration's
+    return train, heldout
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,28 @@
+"""What a run trains and evaluates on: the held-out split, the validation slice, the shares."""
+
+import pytest
+
+from pollinate import workload
+from pollinate.config import RunConfig
+
+
+def _rows(ds) -> set[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    return {(r["prompt"], r["response"]) for r in ds}
+
+
+def test_the_validation_slice_is_held_by_no_client_and_is_not_the_held_out_split() -> None:
+    settings = {"model": "tiny-llama", "strategy": "fedsb", "num-clients": 3, "eval-examples": 8}
+    held_out_run = RunConfig.from_run_config(settings)
+    tuning_run = RunConfig.from_run_config({**settings, "eval-split": "validation"})
+    pool, heldout = workload.splits(held_out_run)
+    train, validation = workload.splits(tuning_run)
+    assert len(validation) == len(heldout) == 8 and len(train) == len(pool) - 8
+    assert _rows(validation) <= _rows(pool) and not _rows(validation) & _rows(heldout)
+    assert not any(_rows(validation) & _rows(share) for share in workload.shares(tuning_run))
+    calibration, _ = workload.pools(tuning_run, 10)  # Fed-SB's slice is drawn from what is left
+    assert not _rows(calibration) & _rows(validation)
+
+
+def test_an_unknown_eval_split_is_one_line() -> None:
+    with pytest.raises(ValueError, match=r"^eval-split: 'test' is not allowed; allowed: held-out, validation$"):
+        RunConfig.from_run_config({"eval-split": "test"})
