@@ -89,6 +89,9 @@ class RunConfig:
     strategy: str = field(default="fedit", metadata=_key("strategy"))
     eval_examples: int = field(default=24, metadata=_key("eval-examples"))
     """Size of the held-out split that no client sees; the server evaluates on it."""
+    max_examples: int = field(default=0, metadata=_key("max-examples"))
+    """The most examples a client's reply may claim as its weight (a reply above it is rejected); 0: the
+    largest share of the run's own partition. Set it where nodes train on data of their own."""
     eval_split: str = field(default="held-out", metadata=_key("eval-split"))
     """What the server evaluates on: the ``held-out`` split, or a ``validation`` slice of the same size
     drawn from the training pool (no client holds it either) for tuning without touching the held-out one."""
@@ -113,6 +116,8 @@ class RunConfig:
         for key in ("dirichlet-alpha", "num-clients", "rounds", "local-steps", "batch-size",
                     "lr", "eval-examples"):
             _positive(key, getattr(self, key.replace("-", "_")))
+        if self.max_examples < 0:
+            raise _fail("max-examples", self.max_examples, "it must be 0 (the largest share) or positive")
         if self.max_seq_len < 8:
             raise _fail("max-seq-len", self.max_seq_len, "it must be at least 8")
 

@@ -54,6 +54,89 @@ def check_state(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One uploaded tensor: its dtype and its shape. A dimension given as a ``range`` takes any length in
+    it; an int, exactly that length. Nothing is broadcast."""
+
+    dtype: str
+    """``"float32"``, ``"int32"``, ..."""
+    shape: tuple[int | range, ...]
+
+    def admits(self, key: str, tensor: Tensor) -> str | None:
+        """None when ``tensor`` has this dtype and shape; else the reason, naming ``key``."""
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype != self.dtype:
+            return f"{key} has dtype {dtype}, expected {self.dtype}"
+        shape = tuple(tensor.shape)
+        if len(shape) != len(self.shape) or not all(n in d if isinstance(d, range) else n == d
+                                                    for n, d in zip(shape, self.shape, strict=False)):
+            return f"{key} has shape {shape}, expected {_shape_text(self.shape)}"
+        return None
+
+    @property
+    def max_bytes(self) -> int:
+        """Bytes of the largest tensor this spec admits."""
+        numel = 1
+        for d in self.shape:
+            numel *= d[-1] if isinstance(d, range) else d
+        return numel * (8 if self.dtype.endswith("64") else 2 if self.dtype.endswith("16") else 4)
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "") if keys else "none"
+
+
+def _shape_text(shape: tuple[int | range, ...]) -> str:
+    dims = (f"{d.start}..{d.stop - 1}" if isinstance(d, range) else str(d) for d in shape)
+    return "(" + ", ".join(dims) + ")"
+
+
+class Schema:
+    """What one client may upload: one of a method's forms, each an exact set of keys with their specs.
+
+    :meth:`check` is the schema step of the server's checks (no missing, extra or base-model key; exact
+    dtypes and shapes); a method with rules across tensors or on values subclasses it and overrides
+    :meth:`check_values`, which the server runs after the numerics.
+    """
+
+    def __init__(self, *forms: Mapping[str, TensorSpec]) -> None:
+        self.forms = tuple(dict(f) for f in forms)
+
+    def check(self, upload: Mapping[str, Tensor]) -> str | None:
+        """None when ``upload`` is one of the forms, key for key; else the reason."""
+        keys = set(upload)
+        form = next((f for f in self.forms if set(f) == keys), None)
+        if form is None:
+            near = min(self.forms, key=lambda f: len(set(f) ^ keys))
+            missing, extra = sorted(set(near) - keys), sorted(keys - set(near))
+            return f"keys differ from the method's: missing {_few(missing)}, unexpected {_few(extra)}"
+        for key, spec in form.items():
+            if (reason := spec.admits(key, upload[key])) is not None:
+                return reason
+        return None
+
+    def check_values(self, upload: Mapping[str, Tensor]) -> str | None:
+        """Rules across tensors or on values, for an upload that passed :meth:`check` and holds only
+        finite numbers (none by default)."""
+        return None
+
+    @property
+    def max_bytes(self) -> int:
+        """Payload bytes of the largest form (what the size check before decoding allows, +10%)."""
+        return max(sum(spec.max_bytes for spec in f.values()) for f in self.forms)
+
+    @property
+    def max_arrays(self) -> int:
+        """Tensors in the largest form."""
+        return max(len(f) for f in self.forms)
+
+
+def schema_of(reference: Mapping[str, Tensor]) -> Schema:
+    """The one-form schema of uploads shaped exactly as ``reference`` (fp32)."""
+    return Schema({k: TensorSpec("float32", tuple(v.shape)) for k, v in reference.items()})
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     """What a round asks of one client's local training."""
 
@@ -193,4 +276,11 @@ class Method(Protocol):
 
     def export_view(self) -> Exportable:
         """How the edge export reads this method's checkpoints."""
+        ...
+
+    def upload_schema(self, server: Any, plan: Mapping[str, int]) -> Schema:  # its own server trainee
+        """What a client that trained at ``plan`` (the fields its reply reports) may upload.
+
+        Raises ValueError, with the reason, when no client of this run may train at that plan.
+        """
         ...

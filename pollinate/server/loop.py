@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from pollinate import protocol
+from pollinate import protocol, workload
 from pollinate.config import RunConfig
 from pollinate.files import UPDATES_FILE
 from pollinate.protocol import ClientReport
@@ -25,6 +25,7 @@ from pollinate.server.global_model import GlobalModel
 from pollinate.server.progress import RoundProgress
 from pollinate.server.report import write_report
 from pollinate.server.rundir import RunDir
+from pollinate.server.validate import CHECKS, Rejection, RoundChecks
 from pollinate.strategies import PollinateStrategy, build_strategy
 
 PULL_INTERVAL = 0.1  # seconds between polls for replies
@@ -39,6 +40,7 @@ class Totals:
     bytes_down: int = 0
     rounds: int = 0
     rejected: int = 0
+    rejected_by_check: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKS, 0))
     failed: int = 0
     over_budget: int = 0
     train_seconds: float = 0.0
@@ -92,12 +94,6 @@ def failed_event(server_round: int, reply: Message) -> dict[str, Any]:
             "reason": reply.error.reason}
 
 
-def out_of_sync(report: ClientReport, server_fingerprint: float, tolerance: float) -> bool:
-    """True when a client trained on another frozen part than the server holds (exactness guard)."""
-    return abs(report.fingerprint - server_fingerprint) > tolerance * max(
-        abs(server_fingerprint), 1.0)
-
-
 class Federation:
     """One run: the strategy, the global model, the run folder and the totals."""
 
@@ -106,6 +102,9 @@ class Federation:
         self.cfg, self.run_dir, self.model, self.progress = cfg, run_dir, global_model, progress
         self.strategy: PollinateStrategy = build_strategy(cfg)
         self.totals = Totals()
+        self.max_examples = cfg.max_examples or max(
+            len(share) for share in workload.shares(cfg, self.strategy.method.calibration_size()))
+        """The most examples a reply may claim: ``max-examples``, or the largest share of the run."""
 
     @property
     def method(self) -> str:
@@ -142,10 +141,11 @@ class Federation:
         self.catch_up_server()
 
     def exchange(self, server_round: int, arrays: ArrayRecord, grid: Grid
-                 ) -> tuple[list[Message], dict[int, int], int]:
+                 ) -> tuple[list[Message], dict[int, int], dict[str, int]]:
         """Send the round's instructions (and catch-ups) and collect replies.
 
-        Returns the replies, bytes sent to each node, and how many nodes were sampled.
+        Returns the replies, bytes sent to each node, and every instruction sent (message id -> node;
+        the first ones are the sampled nodes').
         """
         config = protocol.config_record(self.cfg.to_run_config(), server_round)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
@@ -158,24 +158,27 @@ class Federation:
             for m in again:
                 sent[m.metadata.dst_node_id] += protocol.downlink_bytes(m)
             replies = [r for r in replies if not wants_catch_up(r)] + collect(grid, again, self.progress)
-        return replies, sent, len(messages)
+            messages += again
+        return replies, sent, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
-    def screen(self, server_round: int, replies: list[Message], sent: dict[int, int]
-               ) -> tuple[list[ClientReport], list[dict[str, Any]]]:
-        """Record every reply; keep the reports of clients that trained on the server's frozen part."""
-        server_fp, tolerance = self.model.fingerprint(), self.strategy.method.sync_tolerance
-        kept, accepted = [], []
+    def screen(self, server_round: int, replies: list[Message], sent: dict[int, int],
+               addressed: dict[str, int]) -> tuple[list[ClientReport], list[dict[str, Any]], list[Rejection]]:
+        """Record every reply; keep the reports that pass every check (``pollinate.server.validate``)."""
+        checks = RoundChecks(self.strategy.method, self.model.trainee, addressed, self.max_examples,
+                             self.model.fingerprint(), self.strategy.method.sync_tolerance)
+        kept, accepted, rejected = [], [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.run_dir.append_event(failed_event(server_round, reply))
                 self.totals.failed += 1
                 continue
-            if wants_catch_up(reply) or out_of_sync(report := ClientReport.of(reply), server_fp, tolerance):
-                reason = "base still behind after catch-up" if wants_catch_up(reply) else "base out of sync"
-                self.run_dir.append_event({"round": server_round, "event": "rejected", "node_id": node,
-                                           "reason": reason})
+            report = checks.check(reply)
+            if isinstance(report, Rejection):
+                self.run_dir.append_event(report.event(server_round))
                 self.totals.rejected += 1
+                self.totals.rejected_by_check[report.check] += 1
+                rejected.append(report)
                 continue
             event = client_event(server_round, report, self.method, sent.get(node, 0))
             self.run_dir.append_event(event)
@@ -184,13 +187,14 @@ class Federation:
             self.totals.over_budget += int(report.over_budget)
             self.totals.train_seconds += report.seconds
             self.totals.train_steps += -(-report.examples_seen // self.cfg.batch_size)  # steps, any method
-        return kept, accepted
+        return kept, accepted, rejected
 
     def train_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
         """Send, collect, screen, aggregate, merge, evaluate and commit one round."""
         start = time.perf_counter()
-        replies, sent, sampled = self.exchange(server_round, arrays, grid)
-        kept, accepted = self.screen(server_round, replies, sent)
+        replies, sent, addressed = self.exchange(server_round, arrays, grid)
+        sampled = len(sent)
+        kept, accepted, rejected = self.screen(server_round, replies, sent, addressed)
         done = self.strategy.aggregate(kept)
         up, down = sum(e["bytes_up"] for e in accepted), sum(sent.values())
         self.totals.bytes_up += up
@@ -207,12 +211,13 @@ class Federation:
             arrays = protocol.to_record(done[0].state)
             self.model.load(done[0].state, server_round)
         scores = self.evaluate(server_round)
-        self.commit(server_round, kept, replies)
+        self.commit(server_round, kept, replies, rejected)
         self.progress.end_round(server_round, len(kept), sampled, train_loss, scores, up, down,
                                 time.perf_counter() - start)
         return arrays
 
-    def commit(self, server_round: int, kept: list[ClientReport], replies: list[Message]) -> None:
+    def commit(self, server_round: int, kept: list[ClientReport], replies: list[Message],
+               rejected: list[Rejection]) -> None:
         """The round's checkpoint: the server trainee's files, the merged updates, the manifest."""
         def write(folder: Path) -> None:
             self.model.save(folder)
@@ -229,6 +234,7 @@ class Federation:
             "export": dataclasses.asdict(self.strategy.method.export_view()),
             "rejected_nodes": [r.metadata.src_node_id for r in replies
                                if r.metadata.src_node_id not in accepted],
+            "rejections": [{"node_id": r.node, "check": r.check, "reason": r.reason} for r in rejected],
             "weights": {str(r.node): r.examples for r in kept},
             "base_version": self.strategy.version, "base_fingerprint": self.model.fingerprint(),
         })
@@ -255,7 +261,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         "num_clients": cfg.num_clients, "rounds_completed": fed.totals.rounds,
         "initial_eval": fed.totals.evals[0], "final_eval": fed.totals.evals[fed.totals.rounds],
         "bytes_up_total": fed.totals.bytes_up, "bytes_down_total": fed.totals.bytes_down,
-        "rejected_updates": fed.totals.rejected, "over_budget_clients": fed.totals.over_budget,
+        "rejected_updates": fed.totals.rejected,
+        "rejected_by_check": {k: v for k, v in fed.totals.rejected_by_check.items() if v},
+        "over_budget_clients": fed.totals.over_budget,
         "failed_clients": fed.totals.failed,
         "seconds_per_step": fed.totals.train_seconds / max(fed.totals.train_steps, 1),
         "wall_seconds": time.perf_counter() - start,

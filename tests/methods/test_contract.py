@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pollinate import methods
+from pollinate import methods, protocol
 from pollinate.config import RunConfig
 from pollinate.methods.base import Method, Trainee
 from pollinate.methods.plan import Plan
@@ -94,6 +94,10 @@ def test_training_keeps_the_version_and_frozen_part(name: str, model: str, task:
     assert trainee.version == version
     assert trainee.fingerprint() == pytest.approx(frozen, rel=method.sync_tolerance)
     assert any(not torch.equal(before[k], v) for k, v in trainee.upload().items())  # something trained
+    # what travels (everything fp32) is what the server's checks admit for this plan
+    schema = method.upload_schema(method.server(), plan.fields())
+    sent = protocol.from_record(protocol.to_record(trainee.upload()))
+    assert schema.check(sent) is None and schema.check_values(sent) is None
 
 
 @pytest.mark.parametrize(("name", "model", "task"), CASES)

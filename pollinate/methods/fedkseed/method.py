@@ -31,7 +31,7 @@ from pollinate import workload
 from pollinate.aggregation import fingerprint
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION
-from pollinate.methods.base import HEADS, SYNC_TOLERANCE, Example, Exportable, TrainSpec
+from pollinate.methods.base import HEADS, SYNC_TOLERANCE, Example, Exportable, Schema, TensorSpec, TrainSpec
 from pollinate.methods.fedkseed import memory
 from pollinate.methods.fedkseed.zo import (
     UniformSeeds,
@@ -100,6 +100,29 @@ def uploaded_entries(flat: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
         index = torch.nonzero(sums).flatten()
         return index, sums[index].to(torch.float32)
     return flat[INDEX_KEY].to(torch.int64), flat[GRAD_KEY].to(torch.float32)
+
+
+class SeedSchema(Schema):
+    """An upload of τ ≤ ``steps`` (index, g) pairs or of K per-seed sums; every index names one of the K
+    seeds. Indices travel as fp32 like every uploaded number (exact while K ≤ 2^24)."""
+
+    def __init__(self, k: int, steps: int) -> None:
+        tau = range(1, steps + 1)
+        super().__init__({INDEX_KEY: TensorSpec("float32", (tau,)), GRAD_KEY: TensorSpec("float32", (tau,))},
+                         {SUMS_KEY: TensorSpec("float32", (k,))})
+        self.k = k
+
+    def check_values(self, upload: Mapping[str, torch.Tensor]) -> str | None:
+        """Pairs come in equal numbers, each index a whole number below K."""
+        if INDEX_KEY not in upload:
+            return None
+        index, grads = upload[INDEX_KEY], upload[GRAD_KEY]
+        if index.numel() != grads.numel():
+            return f"{index.numel()} seed indices but {grads.numel()} scalars"
+        whole = bool(torch.all(index == torch.round(index))) if index.is_floating_point() else True
+        if not whole or float(index.min()) < 0 or float(index.max()) > self.k - 1:
+            return f"a seed index that is not one of 0..{self.k - 1}"
+        return None
 
 
 class ZerothOrderTrainee:
@@ -287,6 +310,10 @@ class FedKSeedMethod:
         sums = torch.zeros(len(trainee.seeds))
         sums[torch.randint(len(trainee.seeds), (5,), generator=gen)] = torch.randn(5, generator=gen)
         return SeedSums(sums)
+
+    def upload_schema(self, server: ZerothOrderTrainee, plan: Mapping[str, int]) -> Schema:
+        """Up to ``fedkseed.steps`` pairs, or K sums: the same for every plan."""
+        return SeedSchema(self.cfg.fedkseed.seeds, self.cfg.fedkseed.steps)
 
     def export_view(self) -> Exportable:
         """``lora``: the adapter as any LoRA checkpoint; ``full``: w − w0 merged into the base."""

@@ -18,7 +18,7 @@ from pollinate import workload
 from pollinate.aggregation import Delta, apply_delta, fingerprint
 from pollinate.config import RunConfig
 from pollinate.files import UPDATES_FILE
-from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, TrainSpec
+from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, Schema, TensorSpec, TrainSpec
 from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig, State
 from pollinate.methods.lora.memory import LoraEstimator
 from pollinate.methods.lora.update import LowRankUpdate
@@ -195,3 +195,19 @@ class LoraMethod:
     def export_view(self) -> Exportable:
         """A LoRA checkpoint is peft LoRA; its merged updates (FLoRA, FedEx-LoRA) are base deltas."""
         return Exportable(base_delta=UPDATES_FILE)
+
+    def upload_schema(self, server: LoraTrainee, plan: Mapping[str, int]) -> Schema:
+        """The server adapter's trainable keys with A (r×n) and B (m×r) at the client's reported rank,
+        which must be one this run offers some client."""
+        offered = sorted({r for client in range(self.cfg.num_clients) for r in self.ranks(client)})
+        rank = plan.get("rank")
+        if rank not in offered:
+            raise ValueError(f"plan.rank {rank} is not a rank this run offers ({offered})")
+
+        def at_rank(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+            if ".lora_A." in key:
+                return (rank, shape[1])
+            return (shape[0], rank) if ".lora_B." in key else shape
+
+        reference = server.upload()
+        return Schema({k: TensorSpec("float32", at_rank(k, tuple(v.shape))) for k, v in reference.items()})

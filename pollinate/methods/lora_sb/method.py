@@ -22,7 +22,16 @@ from pollinate import workload
 from pollinate.aggregation import fingerprint
 from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, collate, encode_dataset
-from pollinate.methods.base import HEADS, SYNC_TOLERANCE, Example, Exportable, TrainSpec, check_state
+from pollinate.methods.base import (
+    HEADS,
+    SYNC_TOLERANCE,
+    Example,
+    Exportable,
+    Schema,
+    TrainSpec,
+    check_state,
+    schema_of,
+)
 from pollinate.methods.lora.memory import LoraEstimator
 from pollinate.methods.lora_sb.init import init_factors, target_gradients
 from pollinate.methods.lora_sb.layer import A_KEY, B_KEY, R_KEY, Factors, install_factors, wrap
@@ -205,6 +214,10 @@ class LoraSbMethod:
     def export_view(self) -> Exportable:
         """The checkpoint's peft view already has R folded in; nothing is merged into the base."""
         return Exportable(base_delta=None)
+
+    def upload_schema(self, server: LoraSbTrainee, plan: Mapping[str, int]) -> Schema:
+        """Every R (r×r) and a trained head, as the server's trainee holds them: the same for every plan."""
+        return schema_of(server.upload())
 
     # -- initialisation ---------------------------------------------------------------------------
 
