@@ -9,6 +9,7 @@ dataclass names its table in ``metadata["table"]``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -89,6 +90,13 @@ class RunConfig:
     strategy: str = field(default="fedit", metadata=_key("strategy"))
     eval_examples: int = field(default=24, metadata=_key("eval-examples"))
     """Size of the held-out split that no client sees; the server evaluates on it."""
+    clients_per_round: int = field(default=0, metadata=_key("clients-per-round"))
+    """Nodes sampled each round, drawn from the run's seed and the round; 0: every node."""
+    min_accepted: float = field(default=1.0, metadata=_key("min-accepted"))
+    """The quorum: a round commits only with at least this many accepted replies (a count, from 1), or
+    this fraction of the sampled nodes (below 1); otherwise the global state stays as it was."""
+    round_timeout: float = field(default=3600.0, metadata=_key("round-timeout"))
+    """Seconds a round waits for replies; it then goes on with those in hand (later ones are stale)."""
     max_examples: int = field(default=0, metadata=_key("max-examples"))
     """The most examples a client's reply may claim as its weight (a reply above it is rejected); 0: the
     largest share of the run's own partition. Set it where nodes train on data of their own."""
@@ -116,6 +124,15 @@ class RunConfig:
         for key in ("dirichlet-alpha", "num-clients", "rounds", "local-steps", "batch-size",
                     "lr", "eval-examples"):
             _positive(key, getattr(self, key.replace("-", "_")))
+        if not 0 <= self.clients_per_round <= self.num_clients:
+            raise _fail("clients-per-round", self.clients_per_round,
+                        f"it must be 0 (every node) or at most num-clients ({self.num_clients})")
+        per_round = self.clients_per_round or self.num_clients
+        if not (0 < self.min_accepted < 1 or (self.min_accepted.is_integer() and
+                                                1 <= self.min_accepted <= per_round)):
+            raise _fail("min-accepted", self.min_accepted,
+                        f"give a fraction in (0, 1) or a whole count from 1 to the {per_round} sampled nodes")
+        _positive("round-timeout", self.round_timeout)
         if self.max_examples < 0:
             raise _fail("max-examples", self.max_examples, "it must be 0 (the largest share) or positive")
         if self.max_seq_len < 8:
@@ -130,6 +147,12 @@ class RunConfig:
     def partition_by(self) -> str:
         """The column that non-IID partitioners split on."""
         return "category" if self.task == GENERATION else "label"
+
+    @property
+    def quorum(self) -> int:
+        """Accepted replies a round needs to commit, of the nodes it samples."""
+        per_round = self.clients_per_round or self.num_clients
+        return int(self.min_accepted) if self.min_accepted >= 1 else math.ceil(self.min_accepted * per_round)
 
     def resolved_run_dir(self, run_id: str) -> Path:
         """The run folder of run ``run_id``."""

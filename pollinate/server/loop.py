@@ -27,9 +27,9 @@ from pollinate.server.report import write_report
 from pollinate.server.rundir import RunDir
 from pollinate.server.validate import CHECKS, Rejection, RoundChecks
 from pollinate.strategies import PollinateStrategy, build_strategy
+from pollinate.strategies.base import NotCommitted
 
 PULL_INTERVAL = 0.1  # seconds between polls for replies
-ROUND_TIMEOUT = 3600.0  # seconds a round waits for its replies
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Totals:
     rounds: int = 0
     rejected: int = 0
     rejected_by_check: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKS, 0))
+    uncommitted: int = 0
+    """Rounds below quorum, or whose aggregate was not finite."""
     failed: int = 0
     over_budget: int = 0
     train_seconds: float = 0.0
@@ -54,20 +56,28 @@ def wants_catch_up(reply: Message) -> bool:
     return not reply.has_error() and protocol.metric(protocol.metrics_of(reply), protocol.CATCH_UP) == 1
 
 
-def collect(grid: Grid, messages: Iterable[Message], progress: RoundProgress,
-            timeout: float = ROUND_TIMEOUT) -> list[Message]:
-    """Push ``messages`` and pull their replies until all arrived or ``timeout`` passed."""
+def collect(grid: Grid, messages: Iterable[Message], progress: RoundProgress, timeout: float,
+            late: set[str] | None = None) -> list[Message]:
+    """Push ``messages`` and pull their replies until all arrived or ``timeout`` passed.
+
+    ``late`` holds the ids of earlier instructions still unanswered: their replies are pulled too (and
+    fail the envelope check as stale), and the ids of this call's unanswered instructions join it.
+    """
     pending = set(grid.push_messages(messages))
+    ours = set(pending)
+    late = late if late is not None else set()
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(pending):
+        for reply in grid.pull_messages(pending | late):
             pending.discard(reply.metadata.reply_to_message_id)
+            late.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
-            if not wants_catch_up(reply):
+            if reply.metadata.reply_to_message_id in ours and not wants_catch_up(reply):
                 progress.client_done()
         if pending:
             time.sleep(PULL_INTERVAL)
+    late |= pending
     return replies
 
 
@@ -102,6 +112,8 @@ class Federation:
         self.cfg, self.run_dir, self.model, self.progress = cfg, run_dir, global_model, progress
         self.strategy: PollinateStrategy = build_strategy(cfg)
         self.totals = Totals()
+        self.late: set[str] = set()
+        """Instructions of earlier rounds still unanswered at their deadline."""
         self.max_examples = cfg.max_examples or max(
             len(share) for share in workload.shares(cfg, self.strategy.method.calibration_size()))
         """The most examples a reply may claim: ``max-examples``, or the largest share of the run."""
@@ -131,7 +143,7 @@ class Federation:
         config = protocol.config_record(self.cfg.to_run_config(), 0)
 
         def exchange(messages: list[Message]) -> list[Message]:  # its bytes count in the totals
-            replies = collect(grid, messages, self.progress)
+            replies = collect(grid, messages, self.progress, self.cfg.round_timeout)
             self.totals.bytes_down += sum(protocol.downlink_bytes(m) for m in messages)
             self.totals.bytes_up += sum(protocol.wire_bytes(protocol.arrays_of(r)) for r in replies
                                         if not r.has_error())
@@ -151,13 +163,14 @@ class Federation:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self.progress.start_round(server_round, len(messages))
         sent = {m.metadata.dst_node_id: protocol.downlink_bytes(m) for m in messages}
-        replies = collect(grid, messages, self.progress)
-        behind = [r for r in replies if wants_catch_up(r)]
+        replies = collect(grid, messages, self.progress, self.cfg.round_timeout, self.late)
+        behind = [r for r in replies if wants_catch_up(r) and r.metadata.src_node_id in sent]
         if behind:  # processes that missed rounds: resend from the version they hold, once
             again = [self.strategy.catch_up(r, arrays, config) for r in behind]
             for m in again:
                 sent[m.metadata.dst_node_id] += protocol.downlink_bytes(m)
-            replies = [r for r in replies if not wants_catch_up(r)] + collect(grid, again, self.progress)
+            replies = [r for r in replies if r not in behind] + collect(
+                grid, again, self.progress, self.cfg.round_timeout, self.late)
             messages += again
         return replies, sent, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
@@ -195,7 +208,12 @@ class Federation:
         replies, sent, addressed = self.exchange(server_round, arrays, grid)
         sampled = len(sent)
         kept, accepted, rejected = self.screen(server_round, replies, sent, addressed)
-        done = self.strategy.aggregate(kept)
+        refusal = None if len(kept) >= self.cfg.quorum else (
+            f"quorum not reached: {len(kept)} accepted, {self.cfg.quorum} needed")
+        try:
+            done = self.strategy.aggregate(kept) if refusal is None else None
+        except NotCommitted as error:
+            done, refusal = None, str(error)
         up, down = sum(e["bytes_up"] for e in accepted), sum(sent.values())
         self.totals.bytes_up += up
         self.totals.bytes_down += down
@@ -205,7 +223,12 @@ class Federation:
             "train_loss": train_loss, "bytes_up": up, "bytes_down": down,
             # send to aggregated, without the server's evaluation (that is in the evaluate event)
             "round_seconds": time.perf_counter() - start,
-            "client_train_seconds": sum(e["train_seconds"] for e in accepted)})
+            "client_train_seconds": sum(e["train_seconds"] for e in accepted),
+            "committed": refusal is None, **({"not_committed": refusal} if refusal else {})})
+        if refusal is not None:  # nothing changes: no merge, no evaluation, no checkpoint
+            self.progress.print(f"round {server_round}: not committed: {refusal}")
+            self.totals.uncommitted += 1
+            return arrays
         if done is not None:
             self.catch_up_server()
             arrays = protocol.to_record(done[0].state)
@@ -263,6 +286,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         "bytes_up_total": fed.totals.bytes_up, "bytes_down_total": fed.totals.bytes_down,
         "rejected_updates": fed.totals.rejected,
         "rejected_by_check": {k: v for k, v in fed.totals.rejected_by_check.items() if v},
+        "uncommitted_rounds": fed.totals.uncommitted,
         "over_budget_clients": fed.totals.over_budget,
         "failed_clients": fed.totals.failed,
         "seconds_per_step": fed.totals.train_seconds / max(fed.totals.train_steps, 1),

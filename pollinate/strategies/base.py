@@ -11,6 +11,7 @@ updates since its version, combined into one.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 
 Exchange = Callable[[list[Message]], list[Message]]
 """Push messages to nodes and return their replies (the loop's, with its deadline and progress)."""
+
+
+class NotCommitted(Exception):
+    """A round's aggregate that must not become the global state (its reason is the message)."""
 
 
 @dataclass
@@ -129,10 +134,20 @@ class PollinateStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Flower's sampling, then one message per node carrying the updates it still needs."""
-        sampled = super().configure_train(server_round, arrays, config, grid)
-        return [self.node_message(m.metadata.dst_node_id, arrays, config,
-                                  self.node_versions.get(m.metadata.dst_node_id, 0)) for m in sampled]
+        """Wait for every node, sample ``clients-per-round`` of them, then one message per sampled node
+        carrying the updates it still needs."""
+        every = super().configure_train(server_round, arrays, config, grid)
+        nodes = sorted(m.metadata.dst_node_id for m in every)
+        return [self.node_message(node, arrays, config, self.node_versions.get(node, 0))
+                for node in self.sample(server_round, nodes)]
+
+    def sample(self, server_round: int, nodes: list[int]) -> list[int]:
+        """``clients-per-round`` of ``nodes``, drawn from the run's seed and the round alone, so that a
+        resumed run samples what the uninterrupted one did."""
+        count = self.cfg.clients_per_round or len(nodes)
+        if count >= len(nodes):
+            return nodes
+        return sorted(random.Random(self.cfg.seed * 1_000_003 + server_round).sample(nodes, count))
 
     def catch_up(self, reply: Message, arrays: ArrayRecord, config: ConfigRecord,
                  message_type: str = "train") -> Message:
@@ -146,9 +161,11 @@ class PollinateStrategy(FedAvg):
         """Combine accepted reports; remember each node's version; append the round's update."""
         if not reports:
             return None
+        result = self.combine(reports)
+        if (reason := nonfinite(result)) is not None:
+            raise NotCommitted(reason)
         for r in reports:  # the version each node's process now holds
             self.node_versions[r.node] = r.version
-        result = self.combine(reports)
         if result.update is not None:
             self.commit(result.update)
         weights = [r.examples for r in reports]
@@ -164,6 +181,13 @@ class PollinateStrategy(FedAvg):
         return protocol.to_record(done[0].state), done[1]
 
 
+def nonfinite(result: Aggregate) -> str | None:
+    """Why an aggregate must not be committed (a NaN or an infinity in its state or update), or None."""
+    tensors = {**result.state, **(result.update.to_flat() if result.update is not None else {})}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return f"the aggregate holds NaN or infinite values ({', '.join(bad[:3])})" if bad else None
+
+
 def refuse_client_ranks(cfg: RunConfig, reason: str) -> None:
     """The one-line error for ``lora.ranks`` under a strategy whose clients all train the same shapes."""
     if cfg.lora.ranks:
@@ -176,4 +200,5 @@ def weights_of(reports: Sequence[ClientReport]) -> list[float]:
     return [float(r.examples) for r in reports]
 
 
-__all__ = ["Aggregate", "Exchange", "PollinateStrategy", "refuse_client_ranks", "weights_of"]
+__all__ = ["Aggregate", "Exchange", "NotCommitted", "PollinateStrategy", "nonfinite", "refuse_client_ranks",
+           "weights_of"]

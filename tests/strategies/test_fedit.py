@@ -42,3 +42,14 @@ def test_no_good_reply_means_no_update() -> None:
     failed = Message(Error(code=0, reason="boom"),
                      reply_to=Message(RecordDict(), dst_node_id=8, message_type="train"))
     assert build_strategy(CFG).aggregate_train(1, [failed]) == (None, None)
+
+
+def test_a_non_finite_aggregate_is_not_committed() -> None:
+    from pollinate.protocol import ClientReport
+    from pollinate.strategies.base import NotCommitted
+
+    bad = {"x.lora_A": torch.tensor([[float("nan"), 3.0]]), "x.lora_B": torch.tensor([[2.0]])}
+    strategy = build_strategy(CFG)
+    with pytest.raises(NotCommitted, match=r"NaN or infinite values \(x\.lora_A\)"):
+        strategy.aggregate([ClientReport.of(_reply(bad, 3, 1.0))])
+    assert strategy.version == 0 and not strategy.node_versions  # nothing was recorded
