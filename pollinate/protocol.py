@@ -25,6 +25,7 @@ CONFIG = "config"
 METRICS = "metrics"
 
 REFUSED = 1001  # error code of a client that refuses an instruction (no plan fits its budget)
+TRAIN_FAILED = 1002  # error code of a client whose training raised (it stays up, its trainee is rebuilt)
 
 ROUND = "server-round"
 BASE_FROM = "base-from"  # the version the updates in BASE start from

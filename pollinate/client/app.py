@@ -85,6 +85,11 @@ class ProcessState:
             return _cached(self.trainees, key, build, lambda k: budgeted or k.run != key.run
                            or k.cfg != key.cfg)
 
+    def forget(self, trainee: Trainee) -> None:
+        """Drop ``trainee``: the next instruction builds a new one (at version 0: it catches up)."""
+        with self.lock:
+            self.trainees = {k: t for k, t in self.trainees.items() if t is not trainee}
+
     def share(self, key: ShareKey, build: Callable[[], list[Example]], budgeted: bool) -> list[Example]:
         """The encoded share for ``key``, encoded once per process and run."""
         with self.lock:
@@ -175,7 +180,12 @@ def train(msg: Message, context: Context) -> Message:
     plan, trainee = ready.plan, ready.trainee
     spec = ready.method.spec(plan)
     reset_peak()
-    result = trainee.train(ready.examples, spec, seed=ready.seed)
+    try:
+        result = trainee.train(ready.examples, spec, seed=ready.seed)
+    except Exception as error:  # noqa: BLE001 - the node answers, stays up and starts clean next time
+        STATE.forget(trainee)  # it may hold a half-trained or half-restored frozen part
+        reason = f"training failed: {type(error).__name__}: {error}"[:500]
+        return Message(Error(code=protocol.TRAIN_FAILED, reason=reason), reply_to=msg)
     process_peak, baseline = peak_bytes(), STATE.runtime_baseline(ready.profile.budget is not None)
     return _reply(msg, {
         protocol.NUM_EXAMPLES: len(ready.examples),
