@@ -10,7 +10,8 @@ from pollinate.config import RunConfig
 from pollinate.methods.lora.method import LoraTrainee
 from pollinate.strategies import build_strategy
 
-CFG = RunConfig.from_run_config({"model": "tiny-llama", "num-clients": 2, "local-steps": 1, "eval-examples": 8})
+CFG = RunConfig.from_run_config({"model": "tiny-llama", "num-clients": 2, "local-steps": 1,
+                                 "eval-examples": 8})
 
 
 def test_a_failing_training_is_an_error_reply_and_the_next_one_trains(
