@@ -97,6 +97,9 @@ class RunConfig:
     this fraction of the sampled nodes (below 1); otherwise the global state stays as it was."""
     round_timeout: float = field(default=3600.0, metadata=_key("round-timeout"))
     """Seconds a round waits for replies; it then goes on with those in hand (later ones are stale)."""
+    update_bound: float = field(default=10.0, metadata=_key("update-bound"))
+    """A reply whose update is larger than this many times the median of the round's (with 3 or more
+    accepted) is rejected; 0 turns the bound off."""
     max_examples: int = field(default=0, metadata=_key("max-examples"))
     """The most examples a client's reply may claim as its weight (a reply above it is rejected); 0: the
     largest share of the run's own partition. Set it where nodes train on data of their own."""
@@ -133,6 +136,8 @@ class RunConfig:
             raise _fail("min-accepted", self.min_accepted,
                         f"give a fraction in (0, 1) or a whole count from 1 to the {per_round} sampled nodes")
         _positive("round-timeout", self.round_timeout)
+        if self.update_bound < 0 or 0 < self.update_bound <= 1:
+            raise _fail("update-bound", self.update_bound, "give 0 (off) or a factor above 1")
         if self.max_examples < 0:
             raise _fail("max-examples", self.max_examples, "it must be 0 (the largest share) or positive")
         if self.max_seq_len < 8:

@@ -278,6 +278,11 @@ class Method(Protocol):
         """How the edge export reads this method's checkpoints."""
         ...
 
+    def update_size(self, server: Any, upload: Mapping[str, Tensor]) -> float:  # its own server trainee
+        """The size of the change a checked upload makes to the model (Frobenius norm), comparable
+        between the clients of a round: what the server bounds, whatever the factors' scale."""
+        ...
+
     def upload_schema(self, server: Any, plan: Mapping[str, int]) -> Schema:  # its own server trainee
         """What a client that trained at ``plan`` (the fields its reply reports) may upload.
 

@@ -179,21 +179,29 @@ class Federation:
         """Record every reply; keep the reports that pass every check (``pollinate.server.validate``)."""
         checks = RoundChecks(self.strategy.method, self.model.trainee, addressed, self.max_examples,
                              self.model.fingerprint(), self.strategy.method.sync_tolerance)
-        kept, accepted, rejected = [], [], []
+        passed: list[ClientReport] = []
+        rejected: list[Rejection] = []
         for reply in replies:
-            node = reply.metadata.src_node_id
             if reply.has_error():
                 self.run_dir.append_event(failed_event(server_round, reply))
                 self.totals.failed += 1
                 continue
-            report = checks.check(reply)
-            if isinstance(report, Rejection):
-                self.run_dir.append_event(report.event(server_round))
-                self.totals.rejected += 1
-                self.totals.rejected_by_check[report.check] += 1
-                rejected.append(report)
+            outcome = checks.check(reply)
+            if isinstance(outcome, Rejection):
+                rejected.append(outcome)
+            else:
+                passed.append(outcome)
+        outliers = checks.outliers(passed, self.cfg.update_bound)
+        rejected += outliers
+        for rejection in rejected:
+            self.run_dir.append_event(rejection.event(server_round))
+            self.totals.rejected += 1
+            self.totals.rejected_by_check[rejection.check] += 1
+        kept, accepted = [], []
+        for report in passed:
+            if any(r.node == report.node for r in outliers):
                 continue
-            event = client_event(server_round, report, self.method, sent.get(node, 0))
+            event = client_event(server_round, report, self.method, sent.get(report.node, 0))
             self.run_dir.append_event(event)
             kept.append(report)
             accepted.append(event)

@@ -11,6 +11,7 @@ server's, by fingerprint). A reply that fails is a :class:`Rejection`; the round
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,9 @@ COUNTED = (protocol.NUM_EXAMPLES, protocol.TRAIN_LOSS, protocol.TRAIN_SECONDS, p
            protocol.EXAMPLES_SEEN, protocol.TOKENS_SEEN, protocol.BYTES_DOWN, protocol.BASE_VERSION,
            protocol.BASE_FINGERPRINT)
 """The figures a report reads as numbers: each must be one (a list, NaN or infinity is refused)."""
-CHECKS = ("envelope", "metrics", "weight", "size", "decode", "schema", "numerics", "sync")
+CHECKS = ("envelope", "metrics", "weight", "size", "decode", "schema", "numerics", "sync", "update")
+MIN_FOR_MEDIAN = 3
+"""Accepted replies a round needs before the median of their update sizes means anything."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,17 @@ class RoundChecks:
             return reject("sync", "base out of sync")
         self.accepted.add(node)
         return report
+
+    def outliers(self, reports: list[ClientReport], bound: float) -> list[Rejection]:
+        """The reports whose update size (:meth:`Method.update_size`) exceeds ``bound`` times the median
+        of the round's; none when ``bound`` is 0 or fewer than :data:`MIN_FOR_MEDIAN` reports passed."""
+        if bound <= 0 or len(reports) < MIN_FOR_MEDIAN:
+            return []
+        sizes = [self.method.update_size(self.server, r.upload) for r in reports]
+        limit = bound * statistics.median(sizes)
+        return [Rejection(r.node, "update", f"update size {size:.4g} is above {bound:g} x the round's "
+                                            f"median {limit / bound:.4g}")
+                for r, size in zip(reports, sizes, strict=True) if size > limit]
 
     def _envelope(self, reply: Message) -> str | None:
         node = reply.metadata.src_node_id

@@ -199,3 +199,46 @@ def test_fedkseed_pairs_must_match_and_name_one_of_the_k_seeds() -> None:
     assert "2 seed indices but 3 scalars" in str(schema.check_values({**good, GRAD_KEY: torch.ones(3)}))
     assert "shape" in str(schema.check({INDEX_KEY: torch.zeros(5), GRAD_KEY: torch.ones(5)}))
     assert "dtype" in str(schema.check({**good, INDEX_KEY: torch.tensor([0, 63], dtype=torch.int32)}))
+
+
+def _client_update(setup: Setup, seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A client's upload whose change is ``scale`` x an honest one: the good upload moved by a small
+    seeded change (FedKSeed: its projected gradients themselves scaled; seed indices kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in setup.good.items():
+        noise = 0.01 * torch.randn(v.shape, generator=gen)
+        out[k] = v if k == INDEX_KEY else scale * (v + noise) if k == GRAD_KEY else v + scale * noise
+    return out
+
+
+def test_an_update_far_above_the_rounds_median_is_rejected(setup: Setup) -> None:  # scenario 11
+    checks = setup.checks({f"m{n}": n for n in range(1, 6)})
+    reports = []
+    for node in range(1, 6):
+        upload = _client_update(setup, node, scale=100.0 if node == 5 else 1.0)
+        outcome = checks.check(reply(setup, upload, node=node, to=f"m{node}"))
+        assert not isinstance(outcome, Rejection), outcome
+        reports.append(outcome)
+    (outlier,) = checks.outliers(reports, bound=10.0)
+    assert (outlier.node, outlier.check) == (5, "update") and "median" in outlier.reason
+    assert checks.outliers(reports[:4], bound=10.0) == []  # honest clients are all within the bound
+    assert checks.outliers(reports, bound=0.0) == [] and checks.outliers(reports[:2], bound=10.0) == []
+
+
+def test_lora_update_size_is_the_norm_of_the_scaled_product_whatever_the_factors_scale() -> None:
+    cfg = RunConfig.from_run_config({"model": "tiny-llama", "num-clients": 2, "lora.rank": 4})
+    method = methods.build("lora", cfg)
+    server = method.server()
+    gen = torch.Generator().manual_seed(0)
+    upload = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64).float()
+              for k, v in server.upload().items()}
+    dense = 0.0
+    for key, b in upload.items():
+        if ".lora_B." in key:
+            a = upload[key.replace(".lora_B.", ".lora_A.")]
+            dense += float(((cfg.lora.alpha / 4) * (b.double() @ a.double())).pow(2).sum())
+    size = method.update_size(server, upload)
+    assert size == pytest.approx(dense**0.5, rel=1e-9)
+    rescaled = {k: v * 3.0 if ".lora_B." in k else v / 3.0 for k, v in upload.items()}  # B·c with A/c
+    assert method.update_size(server, rescaled) == pytest.approx(size, rel=1e-5)

@@ -311,6 +311,11 @@ class FedKSeedMethod:
         sums[torch.randint(len(trainee.seeds), (5,), generator=gen)] = torch.randn(5, generator=gen)
         return SeedSums(sums)
 
+    def update_size(self, server: ZerothOrderTrainee, upload: Mapping[str, torch.Tensor]) -> float:
+        """‖g‖ of the projected gradients (every step moves the weights by η·g along a unit-variance z)."""
+        _, grads = uploaded_entries(upload)
+        return float(grads.to(torch.float64).norm())
+
     def upload_schema(self, server: ZerothOrderTrainee, plan: Mapping[str, int]) -> Schema:
         """Up to ``fedkseed.steps`` pairs, or K sums: the same for every plan."""
         return SeedSchema(self.cfg.fedkseed.seeds, self.cfg.fedkseed.steps)

@@ -196,6 +196,24 @@ class LoraMethod:
         """A LoRA checkpoint is peft LoRA; its merged updates (FLoRA, FedEx-LoRA) are base deltas."""
         return Exportable(base_delta=UPDATES_FILE)
 
+    def update_size(self, server: LoraTrainee, upload: Mapping[str, torch.Tensor]) -> float:
+        """‖(α/r)·B·A‖ over every adapted layer, from r×r Gram matrices: ‖BA‖² = tr((BᵀB)(AAᵀ)), so B·c
+        with A/c counts the same. A frozen A (FFA) is the server's, which every node draws alike."""
+        frozen = {k.replace(".default.", "."): v for k, v in server.model.state_dict().items()
+                  if ".lora_A." in k}
+        total = 0.0
+        for key, b in upload.items():
+            if ".lora_B." not in key:
+                continue
+            a_key = key.replace(".lora_B.", ".lora_A.")
+            a = upload.get(a_key, frozen.get(a_key))
+            if a is None:
+                continue
+            b64, a64 = b.to(torch.float64), a.to(torch.float64)
+            scale = self.cfg.lora.alpha / b.shape[1]
+            total += scale**2 * float(torch.trace((b64.T @ b64) @ (a64 @ a64.T)))
+        return max(total, 0.0) ** 0.5
+
     def upload_schema(self, server: LoraTrainee, plan: Mapping[str, int]) -> Schema:
         """The server adapter's trainable keys with A (r×n) and B (m×r) at the client's reported rank,
         which must be one this run offers some client."""

@@ -215,6 +215,12 @@ class LoraSbMethod:
         """The checkpoint's peft view already has R folded in; nothing is merged into the base."""
         return Exportable(base_delta=None)
 
+    def update_size(self, server: LoraSbTrainee, upload: Mapping[str, torch.Tensor]) -> float:
+        """‖R_k − R‖ over every layer, R being the global one the server holds (what it sent)."""
+        held = server.upload()
+        return sum(float((v.to(torch.float64) - held[k].to(torch.float64)).pow(2).sum())
+                   for k, v in upload.items() if k.endswith(R_KEY)) ** 0.5
+
     def upload_schema(self, server: LoraSbTrainee, plan: Mapping[str, int]) -> Schema:
         """Every R (r×r) and a trained head, as the server's trainee holds them: the same for every plan."""
         return schema_of(server.upload())
