@@ -28,6 +28,7 @@ from pollinate.methods.settings import positive as _positive
 
 Scalar = bool | int | float | str
 EVAL_SPLITS = ("held-out", "validation")
+ROBUST = ("none", "clip")
 
 @dataclass(frozen=True)
 class DataFields:
@@ -100,6 +101,9 @@ class RunConfig:
     update_bound: float = field(default=10.0, metadata=_key("update-bound"))
     """A reply whose update is larger than this many times the median of the round's (with 3 or more
     accepted) is rejected; 0 turns the bound off."""
+    robust: str = field(default="none", metadata=_key("robust"))
+    """``clip``: an update above ``update-bound`` times the round's median is scaled down to it before the
+    rule runs, instead of rejected (``none``)."""
     max_examples: int = field(default=0, metadata=_key("max-examples"))
     """The most examples a client's reply may claim as its weight (a reply above it is rejected); 0: the
     largest share of the run's own partition. Set it where nodes train on data of their own."""
@@ -138,6 +142,8 @@ class RunConfig:
         _positive("round-timeout", self.round_timeout)
         if self.update_bound < 0 or 0 < self.update_bound <= 1:
             raise _fail("update-bound", self.update_bound, "give 0 (off) or a factor above 1")
+        if self.robust not in ROBUST:
+            raise _fail("robust", self.robust, f"allowed: {', '.join(ROBUST)}")
         if self.max_examples < 0:
             raise _fail("max-examples", self.max_examples, "it must be 0 (the largest share) or positive")
         if self.max_seq_len < 8:

@@ -283,6 +283,10 @@ class Method(Protocol):
         between the clients of a round: what the server bounds, whatever the factors' scale."""
         ...
 
+    def scale_update(self, server: Any, upload: Mapping[str, Tensor], factor: float) -> dict[str, Tensor]:
+        """The upload whose change is ``factor`` times this one's (:meth:`update_size` scales by it)."""
+        ...
+
     def upload_schema(self, server: Any, plan: Mapping[str, int]) -> Schema:  # its own server trainee
         """What a client that trained at ``plan`` (the fields its reply reports) may upload.
 

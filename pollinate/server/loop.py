@@ -191,7 +191,14 @@ class Federation:
                 rejected.append(outcome)
             else:
                 passed.append(outcome)
-        outliers = checks.outliers(passed, self.cfg.update_bound)
+        if self.cfg.robust == "clip":
+            passed, factors = checks.clipped(passed, self.cfg.update_bound)
+            for node, factor in factors.items():
+                self.run_dir.append_event({"round": server_round, "event": "clipped", "node_id": node,
+                                           "factor": factor})
+            outliers: list[Rejection] = []
+        else:
+            outliers = checks.outliers(passed, self.cfg.update_bound)
         rejected += outliers
         for rejection in rejected:
             self.run_dir.append_event(rejection.event(server_round))

@@ -10,6 +10,7 @@ server's, by fingerprint). A reply that fails is a :class:`Rejection`; the round
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Mapping
@@ -127,6 +128,23 @@ class RoundChecks:
         return [Rejection(r.node, "update", f"update size {size:.4g} is above {bound:g} x the round's "
                                             f"median {limit / bound:.4g}")
                 for r, size in zip(reports, sizes, strict=True) if size > limit]
+
+    def clipped(self, reports: list[ClientReport], bound: float
+                ) -> tuple[list[ClientReport], dict[int, float]]:
+        """``robust = "clip"``: every report whose update size exceeds ``bound`` times the round's median
+        scaled down to it (:meth:`Method.scale_update`); the reports, and each clipped node's factor."""
+        if bound <= 0 or len(reports) < MIN_FOR_MEDIAN:
+            return reports, {}
+        sizes = [self.method.update_size(self.server, r.upload) for r in reports]
+        limit = bound * statistics.median(sizes)
+        out, factors = [], {}
+        for report, size in zip(reports, sizes, strict=True):
+            if size > limit:
+                factors[report.node] = limit / size
+                report = dataclasses.replace(
+                    report, upload=self.method.scale_update(self.server, report.upload, limit / size))
+            out.append(report)
+        return out, factors
 
     def _envelope(self, reply: Message) -> str | None:
         node = reply.metadata.src_node_id

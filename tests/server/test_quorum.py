@@ -68,6 +68,8 @@ def test_sampling_depends_on_the_seed_and_the_round_alone() -> None:
     ("min-accepted=4", r"^min-accepted: 4\.0 is not allowed; give a fraction in \(0, 1\) or a whole count"),
     ("min-accepted=1.5", r"^min-accepted: 1\.5 is not allowed"),
     ("round-timeout=0", r"^round-timeout: 0\.0 is not allowed"),
+    ("robust=median", r"^robust: 'median' is not allowed; allowed: none, clip$"),
+    ("update-bound=0.5", r"^update-bound: 0\.5 is not allowed; give 0 \(off\) or a factor above 1$"),
 ])
 def test_bad_sampling_settings_are_one_line(setting: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

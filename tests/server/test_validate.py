@@ -242,3 +242,18 @@ def test_lora_update_size_is_the_norm_of_the_scaled_product_whatever_the_factors
     assert size == pytest.approx(dense**0.5, rel=1e-9)
     rescaled = {k: v * 3.0 if ".lora_B." in k else v / 3.0 for k, v in upload.items()}  # B·c with A/c
     assert method.update_size(server, rescaled) == pytest.approx(size, rel=1e-5)
+
+
+def test_clipping_brings_an_outlier_to_the_bound_and_leaves_the_rest(setup: Setup) -> None:
+    checks = setup.checks({f"m{n}": n for n in range(1, 6)})
+    reports = [checks.check(reply(setup, _client_update(setup, n, 100.0 if n == 5 else 1.0), node=n,
+                                  to=f"m{n}")) for n in range(1, 6)]
+    assert not any(isinstance(r, Rejection) for r in reports)
+    sizes = [setup.method.update_size(setup.server, r.upload) for r in reports]
+    clipped, factors = checks.clipped(reports, bound=10.0)
+    assert list(factors) == [5] and 0 < factors[5] < 1
+    after = [setup.method.update_size(setup.server, r.upload) for r in clipped]
+    median = sorted(sizes)[2]
+    assert after[4] == pytest.approx(10.0 * median, rel=1e-4)  # at the bound, not rejected
+    assert after[:4] == pytest.approx(sizes[:4], rel=1e-9)  # honest ones untouched
+    assert setup.method.upload_schema(setup.server, setup.plan).check(clipped[4].upload) is None

@@ -316,6 +316,11 @@ class FedKSeedMethod:
         _, grads = uploaded_entries(upload)
         return float(grads.to(torch.float64).norm())
 
+    def scale_update(self, server: ZerothOrderTrainee, upload: Mapping[str, torch.Tensor],
+                     factor: float) -> dict[str, torch.Tensor]:
+        """Every g (or per-seed sum) scaled; the seed indices as they are."""
+        return {k: v if k == INDEX_KEY else v * factor for k, v in upload.items()}
+
     def upload_schema(self, server: ZerothOrderTrainee, plan: Mapping[str, int]) -> Schema:
         """Up to ``fedkseed.steps`` pairs, or K sums: the same for every plan."""
         return SeedSchema(self.cfg.fedkseed.seeds, self.cfg.fedkseed.steps)

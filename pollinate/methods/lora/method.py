@@ -214,6 +214,11 @@ class LoraMethod:
             total += scale**2 * float(torch.trace((b64.T @ b64) @ (a64 @ a64.T)))
         return max(total, 0.0) ** 0.5
 
+    def scale_update(self, server: LoraTrainee, upload: Mapping[str, torch.Tensor],
+                     factor: float) -> dict[str, torch.Tensor]:
+        """B scaled (B·A scales with it); A and a head as they are."""
+        return {k: v * factor if ".lora_B." in k else v for k, v in upload.items()}
+
     def upload_schema(self, server: LoraTrainee, plan: Mapping[str, int]) -> Schema:
         """The server adapter's trainable keys with A (r×n) and B (m×r) at the client's reported rank,
         which must be one this run offers some client."""

@@ -221,6 +221,12 @@ class LoraSbMethod:
         return sum(float((v.to(torch.float64) - held[k].to(torch.float64)).pow(2).sum())
                    for k, v in upload.items() if k.endswith(R_KEY)) ** 0.5
 
+    def scale_update(self, server: LoraSbTrainee, upload: Mapping[str, torch.Tensor],
+                     factor: float) -> dict[str, torch.Tensor]:
+        """R + factor·(R_k − R) on every layer; a head as it is."""
+        held = server.upload()
+        return {k: held[k] + factor * (v - held[k]) if k.endswith(R_KEY) else v for k, v in upload.items()}
+
     def upload_schema(self, server: LoraSbTrainee, plan: Mapping[str, int]) -> Schema:
         """Every R (r×r) and a trained head, as the server's trainee holds them: the same for every plan."""
         return schema_of(server.upload())
