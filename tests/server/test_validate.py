@@ -257,3 +257,14 @@ def test_clipping_brings_an_outlier_to_the_bound_and_leaves_the_rest(setup: Setu
     assert after[4] == pytest.approx(10.0 * median, rel=1e-4)  # at the bound, not rejected
     assert after[:4] == pytest.approx(sizes[:4], rel=1e-9)  # honest ones untouched
     assert setup.method.upload_schema(setup.server, setup.plan).check(clipped[4].upload) is None
+
+
+def test_ffa_update_size_takes_the_frozen_a_every_node_shares() -> None:
+    strategy = build_strategy(RunConfig.from_run_config({"model": "tiny-llama", "strategy": "ffa"}))
+    server = strategy.method.server()
+    upload = {k: torch.ones_like(v) for k, v in server.upload().items()}  # FFA uploads B (and no A)
+    frozen = {k.replace(".default.", "."): v for k, v in server.model.state_dict().items() if ".lora_A." in k}
+    scale = strategy.method.cfg.lora.alpha / strategy.method.cfg.lora.rank
+    dense = sum(float((scale * (b.double() @ frozen[k.replace(".lora_B.", ".lora_A.")].double()))
+                      .pow(2).sum()) for k, b in upload.items() if ".lora_B." in k)
+    assert strategy.method.update_size(server, upload) == pytest.approx(dense**0.5, rel=1e-9)

@@ -199,8 +199,10 @@ class LoraMethod:
     def update_size(self, server: LoraTrainee, upload: Mapping[str, torch.Tensor]) -> float:
         """‖(α/r)·B·A‖ over every adapted layer, from r×r Gram matrices: ‖BA‖² = tr((BᵀB)(AAᵀ)), so B·c
         with A/c counts the same. A frozen A (FFA) is the server's, which every node draws alike."""
-        frozen = {k.replace(".default.", "."): v for k, v in server.model.state_dict().items()
-                  if ".lora_A." in k}
+        frozen: dict[str, torch.Tensor] = {}
+        if not any(".lora_A." in k for k in upload):  # only FFA's uploads lack A
+            frozen = {k.replace(".default.", "."): v for k, v in server.model.state_dict().items()
+                      if ".lora_A." in k}
         total = 0.0
         for key, b in upload.items():
             if ".lora_B." not in key:
