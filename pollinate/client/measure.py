@@ -42,6 +42,9 @@ class Measurement:
     programs on the machine."""
     minor_faults: int = 0
     """Pages the kernel had to map in during the training steps (fresh memory costs system time)."""
+    file_growth: int = 0
+    """Growth of the resident pages mapped from files (library code) between the baseline and the end:
+    part of ``peak``, and the part that differs most between hosts."""
 
 
 def measure_peak(model: str, task: str, plan: LoraPlan, *, targets: Sequence[str] | None = None,
@@ -147,12 +150,13 @@ def _child_start(request: dict[str, Any]) -> None:
     import peft  # noqa: F401  # part of the runtime baseline, like torch and transformers
 
 
-def _report(baseline: int, loaded: int, train: Callable[[], object]) -> None:
-    """Run ``train`` timed; print the peak above ``baseline`` and the times as one JSON line."""
+def _report(baseline: int, files: int, loaded: int, train: Callable[[], object]) -> None:
+    """Run ``train`` timed; print the peak above ``baseline``, the growth of file pages above ``files``
+    and the times as one JSON line."""
     import resource
     import time
 
-    from pollinate.client.memory import peak_bytes
+    from pollinate.client.memory import file_bytes, peak_bytes
 
     usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     train()
@@ -160,7 +164,8 @@ def _report(baseline: int, loaded: int, train: Callable[[], object]) -> None:
     cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     print(json.dumps({"peak": peak_bytes() - baseline, "baseline": baseline, "loaded": loaded,
                       "seconds": seconds, "cpu_seconds": cpu,
-                      "minor_faults": after.ru_minflt - usage.ru_minflt}))
+                      "minor_faults": after.ru_minflt - usage.ru_minflt,
+                      "file_growth": file_bytes() - files}))
 
 
 def _measure_method_main(request_json: str) -> None:
@@ -168,7 +173,7 @@ def _measure_method_main(request_json: str) -> None:
     request = json.loads(request_json)
     _child_start(request)
     from pollinate import methods
-    from pollinate.client.memory import peak_bytes, reset_peak
+    from pollinate.client.memory import file_bytes, peak_bytes, reset_peak
     from pollinate.config import RunConfig
     from pollinate.methods.base import TrainSpec
 
@@ -177,14 +182,14 @@ def _measure_method_main(request_json: str) -> None:
     plan_type = LoraPlan if request["plan_type"] == "LoraPlan" else Plan
     plan = plan_type(**request["plan"])
     reset_peak()
-    baseline = peak_bytes()
+    baseline, files = peak_bytes(), file_bytes()
     trainee = method.client(plan)
     trainee.merge(method.sample_update(trainee, 0))
     model: Any = trainee.model  # a transformers model (or peft's wrapper): it has a config
     examples = _synthetic_examples(plan, int(model.config.vocab_size), cfg.task)
     _touch(trainee.model)
     spec = TrainSpec(request["steps"], plan.effective_batch, 1e-4, plan.micro_batch)
-    _report(baseline, peak_bytes() - baseline, lambda: trainee.train(examples, spec, seed=0))
+    _report(baseline, files, peak_bytes() - baseline, lambda: trainee.train(examples, spec, seed=0))
 
 
 def _measure_forward_main(request_json: str) -> None:
@@ -192,12 +197,12 @@ def _measure_forward_main(request_json: str) -> None:
     request = json.loads(request_json)
     _child_start(request)
     from pollinate import models
-    from pollinate.client.memory import peak_bytes, reset_peak
+    from pollinate.client.memory import file_bytes, peak_bytes, reset_peak
     from pollinate.training import batch_loss, micro_batches_of
 
     plan = Plan(**request["plan"])
     reset_peak()
-    baseline = peak_bytes()
+    baseline, files = peak_bytes(), file_bytes()
     model, tokenizer = models.load_model(request["model"], request["task"])
     model.eval()
     examples = _synthetic_examples(plan, model.config.vocab_size, request["task"])
@@ -208,7 +213,7 @@ def _measure_forward_main(request_json: str) -> None:
         for _ in range(request["steps"]):
             batch_loss(model, parts)
 
-    _report(baseline, peak_bytes() - baseline, forward)
+    _report(baseline, files, peak_bytes() - baseline, forward)
 
 
 def _measure_main(request_json: str) -> None:
@@ -217,13 +222,13 @@ def _measure_main(request_json: str) -> None:
     _child_start(request)
 
     from pollinate import models
-    from pollinate.client.memory import peak_bytes, reset_peak
+    from pollinate.client.memory import file_bytes, peak_bytes, reset_peak
     from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
     from pollinate.training import enable_checkpointing, train_local
 
     plan = LoraPlan(**request["plan"])
     reset_peak()
-    baseline = peak_bytes()
+    baseline, files = peak_bytes(), file_bytes()
     model, tokenizer = models.load_model(request["model"], request["task"])
     model.to(getattr(torch, request["base_dtype"]))
     targets = tuple(request["targets"] or _default_targets(model.config.model_type))
@@ -242,7 +247,7 @@ def _measure_main(request_json: str) -> None:
             train_local(peft_model, examples, steps=request["steps"], batch_size=plan.effective_batch,
                         lr=1e-4, pad_id=tokenizer.pad_token_id, seed=0, micro_batch=plan.micro_batch)
 
-    _report(baseline, peak_bytes() - baseline, train)
+    _report(baseline, files, peak_bytes() - baseline, train)
 
 
 @torch.no_grad()

@@ -17,6 +17,20 @@ def reset_peak() -> bool:
         return False
 
 
+def file_bytes() -> int:
+    """Resident pages mapped from files (RssFile: library code and data), in bytes; 0 where unknown.
+
+    How many of them a first run of a code path maps depends on the host's kernel and filesystem
+    (fault-around, large folios), not on the plan: measurements report their growth apart."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_bytes() -> int:
     """VmHWM in bytes (0 where /proc is unavailable)."""
     try:

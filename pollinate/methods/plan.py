@@ -219,6 +219,13 @@ class Plan:
         return f"{self.method}{own}, {batch}, {self.seq_len} tokens{ckpt}"
 
 
+LIBRARY = "library pages"
+"""The part of an estimate for library code and data that a training step maps in from files (RssFile
+growth). It is part of the measured peak, but how much of it a host maps per page fault depends on its
+kernel and filesystem: 16-26 MB on tiny models on the calibration machines, up to 12 MB more on a fresh
+install elsewhere, and the kernel can reclaim it. Checks that compare hosts leave it out."""
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Estimated peak resident memory of a training step, in bytes, and what it is made of."""
@@ -227,7 +234,7 @@ class Estimate:
     parts: dict[str, int] = field(default_factory=dict)
     """What the peak is made of, e.g. for LoRA ``"base weights"``, ``"adapter"`` (weights and
     gradients), ``"optimizer"``, ``"activations"`` (kept for backward), ``"workspace"`` (backward
-    temporaries), ``"logits"`` and ``"runtime"``; they sum to ``total``."""
+    temporaries), ``"logits"``, ``"runtime"`` and :data:`LIBRARY`; they sum to ``total``."""
 
     @classmethod
     def of(cls, parts: dict[str, float]) -> Estimate:

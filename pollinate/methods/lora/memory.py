@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pollinate.methods.plan import FP32, Estimate, ModelDims, Plan
+from pollinate.methods.plan import FP32, LIBRARY, Estimate, ModelDims, Plan
 
 
 @dataclass(frozen=True)
@@ -30,15 +30,12 @@ class Calibration:
     logit_copies: float = 2.55
     """B·T·V fp32 tensors alive at the peak around the loss: the logits, the log-softmax kept for
     backward, and in the backward pass its gradient and the logits' gradient, partly overlapping."""
-    decoder_checkpoint_slack: float = 0.4
-    """With checkpointing, layers' worth of a decoder's kept activations alive beyond the one layer that
-    backward recomputes. Not fitted by the script: a checkpointed tiny-llama step (32 x 128 tokens)
-    peaked at the recomputed layer's worth on the development machines and about 1.25 layers more on
-    the CI host, the allocator lagging between freeing one recomputed layer and building the next.
-    The planner sits between the two, erring high; on a 30-layer model it moves the peak by under 2%."""
-    runtime_bytes: int = 25_000_000
-    """Fixed cost of a loaded model beyond its tensors: lazily imported modeling code, module objects,
-    the autograd engine and the first step's kernels."""
+    runtime_bytes: int = 5_000_000
+    """Fixed cost of a loaded model beyond its tensors and library pages: module objects and the autograd
+    engine's state."""
+    library_bytes: int = 20_000_000
+    """Library code and data the first steps map in from files (:data:`~pollinate.methods.plan.LIBRARY`):
+    19-26 MB measured on tiny-llama and tiny-bert (RssFile growth)."""
     runtime_per_vocab: float = 720.0
     """Bytes per vocabulary entry that the loaded tokenizer keeps (its vocabulary and merges)."""
 
@@ -110,8 +107,7 @@ class LoraEstimator:
         trainable += dims.head_params(task) if task == "classification" else 0
         layer_fn = _encoder_layer_floats if dims.encoder else _decoder_layer_floats
         layer = layer_fn(dims, width, plan.seq_len) * tokens * FP32  # one layer, bytes
-        slack = 0 if dims.encoder else cal.decoder_checkpoint_slack
-        kept_layers = 1 + slack if plan.checkpointing else dims.layers
+        kept_layers = 1 if plan.checkpointing else dims.layers
         inputs = dims.layers * tokens * dims.hidden * FP32 if plan.checkpointing else 0
         activations = kept_layers * layer + inputs
         logits = tokens * dims.vocab * FP32 * cal.logit_copies if task == "generation" else 0
@@ -123,5 +119,6 @@ class LoraEstimator:
             "workspace": workspace * layer,
             "logits": logits,
             "runtime": cal.runtime_bytes + cal.runtime_per_vocab * dims.vocab,
+            LIBRARY: cal.library_bytes,
         })
 
