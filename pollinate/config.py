@@ -134,11 +134,10 @@ class RunConfig:
         if not 0 <= self.clients_per_round <= self.num_clients:
             raise _fail("clients-per-round", self.clients_per_round,
                         f"it must be 0 (every node) or at most num-clients ({self.num_clients})")
-        per_round = self.clients_per_round or self.num_clients
         if not (0 < self.min_accepted < 1 or (self.min_accepted.is_integer() and
-                                                1 <= self.min_accepted <= per_round)):
-            raise _fail("min-accepted", self.min_accepted,
-                        f"give a fraction in (0, 1) or a whole count from 1 to the {per_round} sampled nodes")
+                                                1 <= self.min_accepted <= self.per_round)):
+            raise _fail("min-accepted", self.min_accepted, "give a fraction in (0, 1) or a whole count from "
+                        f"1 to the {self.per_round} sampled nodes")
         _positive("round-timeout", self.round_timeout)
         if self.update_bound < 0 or 0 < self.update_bound <= 1:
             raise _fail("update-bound", self.update_bound, "give 0 (off) or a factor above 1")
@@ -160,10 +159,16 @@ class RunConfig:
         return "category" if self.task == GENERATION else "label"
 
     @property
+    def per_round(self) -> int:
+        """Nodes sampled each round."""
+        return self.clients_per_round or self.num_clients
+
+    @property
     def quorum(self) -> int:
         """Accepted replies a round needs to commit, of the nodes it samples."""
-        per_round = self.clients_per_round or self.num_clients
-        return int(self.min_accepted) if self.min_accepted >= 1 else math.ceil(self.min_accepted * per_round)
+        if self.min_accepted >= 1:
+            return int(self.min_accepted)
+        return math.ceil(self.min_accepted * self.per_round)
 
     def resolved_run_dir(self, run_id: str) -> Path:
         """The run folder of run ``run_id``."""

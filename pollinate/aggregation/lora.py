@@ -54,3 +54,12 @@ class LoraFactors:
     def delta(self, module: str) -> torch.Tensor:
         """s · B A of ``module`` (m×n)."""
         return self.scale * self.b[module] @ self.a[module]
+
+    def norm(self) -> float:
+        """‖s·B·A‖ (Frobenius) over every module without forming B·A: ‖BA‖² = tr((BᵀB)(AAᵀ)), r×r each,
+        in fp64. B·c with A/c has the same norm."""
+        total = 0.0
+        for module, a in self.a.items():
+            a64, b64 = a.to(torch.float64), self.b[module].to(torch.float64)
+            total += float(torch.trace((b64.T @ b64) @ (a64 @ a64.T)))
+        return self.scale * max(total, 0.0) ** 0.5

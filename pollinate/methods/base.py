@@ -45,27 +45,24 @@ def check_state(state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...
 
     ``what`` names the state in the message (``"adapter state"``, ``"lora-sb state"``).
     """
-    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
-    if missing or extra:
-        raise ValueError(f"{what}: missing keys {missing[:3]}, unexpected keys {extra[:3]}")
-    for key, shape in shapes.items():
-        if tuple(state[key].shape) != tuple(shape):
-            raise ValueError(f"{what}: {key} has shape {tuple(state[key].shape)}, expected {tuple(shape)}")
+    reason = Schema({k: TensorSpec(None, tuple(shape)) for k, shape in shapes.items()}).check(state)
+    if reason is not None:
+        raise ValueError(f"{what}: {reason}")
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One uploaded tensor: its dtype and its shape. A dimension given as a ``range`` takes any length in
-    it; an int, exactly that length. Nothing is broadcast."""
+    """One tensor's dtype and shape. A dimension given as a ``range`` takes any length in it; an int,
+    exactly that length. Nothing is broadcast."""
 
-    dtype: str
-    """``"float32"``, ``"int32"``, ..."""
+    dtype: str | None
+    """``"float32"``, ``"int32"``, ...; None: any."""
     shape: tuple[int | range, ...]
 
     def admits(self, key: str, tensor: Tensor) -> str | None:
         """None when ``tensor`` has this dtype and shape; else the reason, naming ``key``."""
         dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype != self.dtype:
+        if self.dtype is not None and dtype != self.dtype:
             return f"{key} has dtype {dtype}, expected {self.dtype}"
         shape = tuple(tensor.shape)
         if len(shape) != len(self.shape) or not all(n in d if isinstance(d, range) else n == d
@@ -79,7 +76,8 @@ class TensorSpec:
         numel = 1
         for d in self.shape:
             numel *= d[-1] if isinstance(d, range) else d
-        return numel * (8 if self.dtype.endswith("64") else 2 if self.dtype.endswith("16") else 4)
+        dtype = self.dtype or "float32"
+        return numel * (8 if dtype.endswith("64") else 2 if dtype.endswith("16") else 4)
 
 
 def _few(keys: list[str]) -> str:
@@ -109,7 +107,7 @@ class Schema:
         if form is None:
             near = min(self.forms, key=lambda f: len(set(f) ^ keys))
             missing, extra = sorted(set(near) - keys), sorted(keys - set(near))
-            return f"keys differ from the method's: missing {_few(missing)}, unexpected {_few(extra)}"
+            return f"missing keys {_few(missing)}, unexpected keys {_few(extra)}"
         for key, spec in form.items():
             if (reason := spec.admits(key, upload[key])) is not None:
                 return reason

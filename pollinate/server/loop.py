@@ -165,11 +165,12 @@ class Federation:
         sent = {m.metadata.dst_node_id: protocol.downlink_bytes(m) for m in messages}
         replies = collect(grid, messages, self.progress, self.cfg.round_timeout, self.late)
         behind = [r for r in replies if wants_catch_up(r) and r.metadata.src_node_id in sent]
+        asked = {id(r) for r in behind}
         if behind:  # processes that missed rounds: resend from the version they hold, once
             again = [self.strategy.catch_up(r, arrays, config) for r in behind]
             for m in again:
                 sent[m.metadata.dst_node_id] += protocol.downlink_bytes(m)
-            replies = [r for r in replies if r not in behind] + collect(
+            replies = [r for r in replies if id(r) not in asked] + collect(
                 grid, again, self.progress, self.cfg.round_timeout, self.late)
             messages += again
         return replies, sent, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -204,9 +205,9 @@ class Federation:
             self.run_dir.append_event(rejection.event(server_round))
             self.totals.rejected += 1
             self.totals.rejected_by_check[rejection.check] += 1
-        kept, accepted = [], []
+        kept, accepted, dropped = [], [], {r.node for r in outliers}
         for report in passed:
-            if any(r.node == report.node for r in outliers):
+            if report.node in dropped:
                 continue
             event = client_event(server_round, report, self.method, sent.get(report.node, 0))
             self.run_dir.append_event(event)

@@ -90,12 +90,12 @@ class RoundChecks:
         if protocol.METRICS not in reply.content.metric_records:
             return reject("metrics", "the reply carries no metrics")
         metrics = protocol.metrics_of(reply)
+        if protocol.metric(metrics, protocol.CATCH_UP) == 1:  # it trained nothing: no figures to check
+            return reject("sync", "base still behind after catch-up")
         if (reason := _numbers(metrics)) is not None:
             return reject("metrics", reason)
         if (reason := self._weight(metrics.get(protocol.NUM_EXAMPLES))) is not None:
             return reject("weight", reason)
-        if protocol.metric(metrics, protocol.CATCH_UP) == 1:
-            return reject("sync", "base still behind after catch-up")
         schema = self._schema({k[len(protocol.PLAN):].replace("-", "_"): int(protocol.metric(metrics, k))
                                for k in metrics if k.startswith(protocol.PLAN)})
         if isinstance(schema, str):
@@ -118,33 +118,33 @@ class RoundChecks:
         self.accepted.add(node)
         return report
 
-    def outliers(self, reports: list[ClientReport], bound: float) -> list[Rejection]:
-        """The reports whose update size (:meth:`Method.update_size`) exceeds ``bound`` times the median
-        of the round's; none when ``bound`` is 0 or fewer than :data:`MIN_FOR_MEDIAN` reports passed."""
+    def oversized(self, reports: list[ClientReport], bound: float) -> dict[int, tuple[float, float]]:
+        """Node -> (update size, the limit) of every report whose update size (:meth:`Method.update_size`)
+        exceeds ``bound`` times the round's median; none when ``bound`` is 0 or fewer than
+        :data:`MIN_FOR_MEDIAN` reports passed."""
         if bound <= 0 or len(reports) < MIN_FOR_MEDIAN:
-            return []
+            return {}
         sizes = [self.method.update_size(self.server, r.upload) for r in reports]
         limit = bound * statistics.median(sizes)
-        return [Rejection(r.node, "update", f"update size {size:.4g} is above {bound:g} x the round's "
-                                            f"median {limit / bound:.4g}")
-                for r, size in zip(reports, sizes, strict=True) if size > limit]
+        return {r.node: (size, limit) for r, size in zip(reports, sizes, strict=True) if size > limit}
+
+    def outliers(self, reports: list[ClientReport], bound: float) -> list[Rejection]:
+        """``robust = "none"``: a rejection for every :meth:`oversized` report."""
+        return [Rejection(node, "update", f"update size {size:.4g} is above {bound:g} x the round's "
+                                          f"median {limit / bound:.4g}")
+                for node, (size, limit) in self.oversized(reports, bound).items()]
 
     def clipped(self, reports: list[ClientReport], bound: float
                 ) -> tuple[list[ClientReport], dict[int, float]]:
-        """``robust = "clip"``: every report whose update size exceeds ``bound`` times the round's median
-        scaled down to it (:meth:`Method.scale_update`); the reports, and each clipped node's factor."""
-        if bound <= 0 or len(reports) < MIN_FOR_MEDIAN:
-            return reports, {}
-        sizes = [self.method.update_size(self.server, r.upload) for r in reports]
-        limit = bound * statistics.median(sizes)
-        out, factors = [], {}
-        for report, size in zip(reports, sizes, strict=True):
-            if size > limit:
-                factors[report.node] = limit / size
-                report = dataclasses.replace(
-                    report, upload=self.method.scale_update(self.server, report.upload, limit / size))
-            out.append(report)
-        return out, factors
+        """``robust = "clip"``: every :meth:`oversized` report scaled down to the limit
+        (:meth:`Method.scale_update`); the reports, and each clipped node's factor."""
+        factors = {node: limit / size for node, (size, limit) in self.oversized(reports, bound).items()}
+
+        def scaled(r: ClientReport) -> ClientReport:
+            upload = self.method.scale_update(self.server, r.upload, factors[r.node])
+            return dataclasses.replace(r, upload=upload)
+
+        return [scaled(r) if r.node in factors else r for r in reports], factors
 
     def _envelope(self, reply: Message) -> str | None:
         node = reply.metadata.src_node_id

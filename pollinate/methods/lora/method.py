@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pollinate import workload
-from pollinate.aggregation import Delta, apply_delta, fingerprint
+from pollinate.aggregation import Delta, LoraFactors, apply_delta, fingerprint
 from pollinate.config import RunConfig
 from pollinate.files import UPDATES_FILE
 from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, Schema, TensorSpec, TrainSpec
@@ -199,22 +199,11 @@ class LoraMethod:
     def update_size(self, server: LoraTrainee, upload: Mapping[str, torch.Tensor]) -> float:
         """‖(α/r)·B·A‖ over every adapted layer, from r×r Gram matrices: ‖BA‖² = tr((BᵀB)(AAᵀ)), so B·c
         with A/c counts the same. A frozen A (FFA) is the server's, which every node draws alike."""
-        frozen: dict[str, torch.Tensor] = {}
+        state = dict(upload)
         if not any(".lora_A." in k for k in upload):  # only FFA's uploads lack A
-            frozen = {k.replace(".default.", "."): v for k, v in server.model.state_dict().items()
-                      if ".lora_A." in k}
-        total = 0.0
-        for key, b in upload.items():
-            if ".lora_B." not in key:
-                continue
-            a_key = key.replace(".lora_B.", ".lora_A.")
-            a = upload.get(a_key, frozen.get(a_key))
-            if a is None:
-                continue
-            b64, a64 = b.to(torch.float64), a.to(torch.float64)
-            scale = self.cfg.lora.alpha / b.shape[1]
-            total += scale**2 * float(torch.trace((b64.T @ b64) @ (a64 @ a64.T)))
-        return max(total, 0.0) ** 0.5
+            state.update({k.replace(".default.", "."): v for k, v in server.model.state_dict().items()
+                          if ".lora_A." in k})
+        return LoraFactors.from_state(state, self.cfg.lora.alpha).norm()
 
     def scale_update(self, server: LoraTrainee, upload: Mapping[str, torch.Tensor],
                      factor: float) -> dict[str, torch.Tensor]:
