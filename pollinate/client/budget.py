@@ -176,12 +176,12 @@ def limit_heap_retention() -> bool:
 def disable_huge_pages() -> bool:
     """Ask Linux not to back this process with transparent huge pages.
 
-    Where a host's THP mode is ``always``, the kernel maps anonymous memory in 2 MiB pages at a fault
-    and khugepaged later merges sparsely used ranges into them, so the interpreter's heap and arenas
-    and the tails of tensor mappings become resident in full: a step's peak then lies above what its
-    tensors need by an amount that depends on the host and on timing, not on the plan. Opting out
-    makes peaks the same on every host and costs nothing where the mode is ``madvise`` or ``never``.
-    The setting holds for the whole process and its children.
+    Where a host's THP mode is ``always``, the kernel may map anonymous memory in 2 MiB pages at a fault
+    and khugepaged may later merge sparsely used ranges into them, so the interpreter's heap and the
+    tails of tensor mappings can become resident in full, by an amount that depends on the host and on
+    timing, not on the plan. Opting out rules that out and costs nothing where the mode is ``madvise``
+    or ``never`` (as on the development machines, where it changed no measured peak). The setting holds
+    for the whole process and its children.
 
     Returns
     -------

@@ -135,8 +135,8 @@ def _run_child(entry: str, request: dict[str, Any], label: str, timeout: float) 
 def _child_start(request: dict[str, Any]) -> None:
     """One torch thread, small pages, the client's heap policy, and the libraries of the runtime baseline.
 
-    Huge pages are off even for a measurement on glibc's default heap: where a host maps them, peaks
-    differ from host to host by tens of megabytes for reasons that are not the plan's.
+    Huge pages are off even for a measurement on glibc's default heap, so that a host which maps them
+    cannot move a peak for reasons that are not the plan's.
     """
     import warnings
 

@@ -221,9 +221,10 @@ class Plan:
 
 LIBRARY = "library pages"
 """The part of an estimate for library code and data that a training step maps in from files (RssFile
-growth). It is part of the measured peak, but how much of it a host maps per page fault depends on its
-kernel and filesystem: 16-26 MB on tiny models on the calibration machines, up to 12 MB more on a fresh
-install elsewhere, and the kernel can reclaim it. Checks that compare hosts leave it out."""
+growth). It is part of the measured peak, but how much of it is mapped is not the plan's: 16-26 MB per
+tiny-model step with the calibration machines' long-installed environment, 30-55 MB with a freshly
+installed one on the same machine (as on CI); the kernel can reclaim it. Checks that compare hosts and
+installs leave it out."""
 
 
 @dataclass(frozen=True)

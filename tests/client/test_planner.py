@@ -272,8 +272,8 @@ zeroth-order step's own peak is a few megabytes, decided by the allocators' gran
 
 def _check_estimates(results: list[tuple[str, Estimate, Measurement]]) -> None:
     """Every estimate within ±25% (or :data:`SLACK`) of its measured peak, both without library pages:
-    how many of those a host maps per page fault is its own (a fresh install here mapped 12 MB more
-    than an old one), not the plan's. A failure lists every case and the host."""
+    how many of those are mapped is not the plan's (a fresh install here mapped 30-55 MB per step where
+    an old one mapped 19-26 MB). A failure lists every case and the host."""
     def own(est: Estimate, m: Measurement) -> tuple[int, int]:
         return est.total - est.parts.get(LIBRARY, 0), m.peak - m.file_growth
 
