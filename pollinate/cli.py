@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tomllib
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pollinate.config import RunConfig, parse_assignments
+from pollinate.server.rundir import CheckpointError
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -25,10 +27,10 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resolve_config(config_file: Path | None, assignments: list[str], run_dir: str | None
-                   ) -> RunConfig:
-    """Defaults, then the TOML file, then ``--set`` pairs, then ``--run-dir``."""
-    values: dict[str, Any] = {}
+def resolve_config(config_file: Path | None, assignments: list[str], run_dir: str | None,
+                   base: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults (or ``base``), then the TOML file, then ``--set`` pairs, then ``--run-dir``."""
+    values: dict[str, Any] = dict(base or {})
     if config_file is not None:
         if not config_file.is_file():
             raise ValueError(f"--config: {str(config_file)!r} is not a file")
@@ -43,7 +45,16 @@ def _simulate(args: argparse.Namespace) -> int:
     from pollinate.server.app import new_run_id
     from pollinate.server.simulation import simulate
 
-    cfg = resolve_config(args.config, args.set, args.run_dir)
+    if args.resume is None:
+        cfg = resolve_config(args.config, args.set, args.run_dir)
+    else:  # the run's own configuration; --set rounds=N goes on further
+        if args.run_dir:
+            raise ValueError("--run-dir: not allowed with --resume, which names the run folder")
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise ValueError(f"--resume: {args.resume!r} is not a run folder (it has no config.json)")
+        cfg = resolve_config(args.config, args.set, args.resume,
+                             {**json.loads(saved.read_text()), "resume": True})
     simulate(cfg, cfg.resolved_run_dir(new_run_id()).resolve(), verbose=args.verbose)
     return 0
 
@@ -62,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help='override keys, e.g. --set rounds=5 lora.rank=16; quote a value with '
                           'spaces: --set \'data.prompt-field="my prompt"\'')
     sim.add_argument("--run-dir", help="where the run folder goes (default runs/<run-id>)")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its last committed round, with its own "
+                          "configuration (--set rounds=N to go on further)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
     from pollinate.client import plan_cli
@@ -82,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except ValueError as err:
+    except (ValueError, CheckpointError) as err:
         if os.environ.get("POLLINATE_DEBUG"):
             raise
         print(f"pollinate: error: {err}", file=sys.stderr)

@@ -114,6 +114,9 @@ class RunConfig:
     """Keep every accepted client update in the round's checkpoint (audits, exactness tests)."""
     run_dir: str = field(default="", metadata=_key("run-dir"))
     """Where the run folder goes; empty means runs/<run-id>."""
+    resume: bool = field(default=False, metadata=_key("resume"))
+    """Continue the run in ``run-dir`` from its last committed round (a run folder without one starts
+    afresh); the rest of the configuration must be the run's own, ``rounds`` aside."""
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"table": "lora"})
     fedsb: FedSbSettings = field(default_factory=FedSbSettings, metadata={"table": "fedsb"})
     fedkseed: FedKSeedSettings = field(default_factory=FedKSeedSettings, metadata={"table": "fedkseed"})
@@ -145,6 +148,8 @@ class RunConfig:
             raise _fail("robust", self.robust, f"allowed: {', '.join(ROBUST)}")
         if self.max_examples < 0:
             raise _fail("max-examples", self.max_examples, "it must be 0 (the largest share) or positive")
+        if self.resume and not self.run_dir:
+            raise _fail("resume", self.resume, "it needs run-dir: the folder of the run to continue")
         if self.max_seq_len < 8:
             raise _fail("max-seq-len", self.max_seq_len, "it must be at least 8")
 

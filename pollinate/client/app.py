@@ -221,7 +221,10 @@ def evaluate_share(msg: Message, context: Context) -> Message:
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
     """A setup exchange before round 1: the method answers from this node's share (Fed-SB's
-    federated initialisation returns the gradient sum of the share once)."""
+    federated initialisation returns the gradient sum of the share once); or the roll call that names
+    this node by its share, answered without loading anything."""
+    if protocol.config_of(msg).get(protocol.SETUP) == protocol.IDENTIFY:
+        return _reply(msg, {protocol.PARTITION_ID: int(context.node_config["partition-id"])})
     ready = _prepare(msg, context)
     if isinstance(ready, Message):
         return ready

@@ -16,9 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from pollinate.config import GENERATION, RunConfig
 from pollinate.server.global_model import GlobalModel
-from pollinate.server.loop import run_federation
+from pollinate.server.loop import run_federation, same_run
 from pollinate.server.progress import RoundProgress
-from pollinate.server.rundir import RunDir
+from pollinate.server.rundir import CheckpointError, RunDir
 from pollinate.strategies import build_strategy
 
 
@@ -29,6 +29,8 @@ def new_run_id() -> str:
 
 def prepare(cfg: RunConfig) -> GlobalModel:
     """Check everything a run needs before any client trains; returns the global model."""
+    if cfg.resume:
+        same_run(Path(cfg.run_dir), cfg)
     return GlobalModel(cfg, build_strategy(cfg).method)
 
 
@@ -64,13 +66,18 @@ def _print_outcome(progress: RoundProgress, summary: dict[str, Any], run_path: P
     progress.print(f"run folder: {run_path}")
 
 
-def make_server_app(cfg: RunConfig, run_path: Path, global_model: GlobalModel) -> ServerApp:
-    """A ServerApp bound to an already-checked configuration (used by ``pollinate simulate``)."""
+def make_server_app(cfg: RunConfig, run_path: Path, global_model: GlobalModel,
+                    failures: list[CheckpointError]) -> ServerApp:
+    """A ServerApp bound to an already-checked configuration (used by ``pollinate simulate``); a
+    checkpoint that cannot be written or read ends the run and is handed back in ``failures``."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, run_path, global_model)
+        try:
+            serve(grid, cfg, run_path, global_model)
+        except CheckpointError as err:
+            failures.append(err)
 
     return server_app
 

@@ -2,20 +2,27 @@
 
 Flower's ``Strategy.start`` runs rounds but keeps no run folder, no per-client record and no checkpoint;
 this loop calls the same strategy methods (``configure_train``, ``aggregate_train``) and adds those.
+A round's checkpoint holds all a resumed run needs (:meth:`Federation.restore`): the global state as
+sent, every update merged since the previous checkpoint (``history-VVVV.safetensors``, one per version),
+the strategy's own state and torch's RNG state, and in the manifest the nodes' versions and the totals.
+The server draws nothing else at random: sampling and every re-initialisation are seeded by the run's
+seed and the round, so a resumed round draws what the uninterrupted one did.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Message
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pollinate import protocol, workload
 from pollinate.config import RunConfig
@@ -24,12 +31,17 @@ from pollinate.protocol import ClientReport
 from pollinate.server.global_model import GlobalModel
 from pollinate.server.progress import RoundProgress
 from pollinate.server.report import write_report
-from pollinate.server.rundir import RunDir
+from pollinate.server.rundir import CheckpointError, Recovery, RunDir, unverified
 from pollinate.server.validate import CHECKS, Rejection, RoundChecks
 from pollinate.strategies import PollinateStrategy, build_strategy
 from pollinate.strategies.base import NotCommitted
 
 PULL_INTERVAL = 0.1  # seconds between polls for replies
+STATE_FILE = "state.safetensors"  # a checkpoint's global state, exactly as sent to the next round's nodes
+RESUME_FILE = "resume.safetensors"  # the strategy's own state (strategy.*) and torch's RNG state
+HISTORY_FILE = "history-{:04d}.safetensors"  # update v of the strategy's history
+UNCHANGED_ON_RESUME = frozenset(["rounds", "resume", "run-dir"])
+"""Run-config keys a resumed run may give otherwise than the run did (``rounds``: to go on further)."""
 
 
 @dataclass
@@ -49,6 +61,11 @@ class Totals:
     """Clients' own training time, summed (the s/step a user compares between machines)."""
     train_steps: int = 0
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, saved: dict[str, Any]) -> Totals:
+        """The totals a manifest kept (JSON: its round keys are strings)."""
+        return cls(**{**saved, "evals": {int(k): v for k, v in saved["evals"].items()}})
 
 
 def wants_catch_up(reply: Message) -> bool:
@@ -114,6 +131,8 @@ class Federation:
         self.totals = Totals()
         self.late: set[str] = set()
         """Instructions of earlier rounds still unanswered at their deadline."""
+        self.saved_version = 0
+        """The strategy's version the last checkpoint holds (its later updates go into the next one)."""
         self.max_examples = cfg.max_examples or max(
             len(share) for share in workload.shares(cfg, self.strategy.method.calibration_size()))
         """The most examples a reply may claim: ``max-examples``, or the largest share of the run."""
@@ -137,6 +156,19 @@ class Federation:
         if self.model.version < self.strategy.version:
             updates = self.strategy.history[self.model.version:]
             self.model.merge(self.strategy.method.update_type.combine(updates))
+
+    def identify(self, grid: Grid) -> None:
+        """The roll call: each node names its share, so that sampling orders nodes by what stays the same
+        when the federation restarts (a simulation gives its nodes new ids). Only when nodes are sampled."""
+        if self.cfg.per_round >= self.cfg.num_clients:
+            return
+        config = ConfigRecord({protocol.SETUP: protocol.IDENTIFY})
+        messages = [Message(RecordDict({protocol.CONFIG: config}), message_type="query", dst_node_id=node)
+                    for node in self.strategy.nodes(0, grid)]
+        for reply in collect(grid, messages, self.progress, self.cfg.round_timeout):
+            if not reply.has_error():
+                partition = protocol.metric(protocol.metrics_of(reply), protocol.PARTITION_ID)
+                self.strategy.partitions[reply.metadata.src_node_id] = int(partition)
 
     def setup(self, grid: Grid) -> None:
         """The strategy's setup exchange before round 1; its updates reach the server's trainee."""
@@ -223,6 +255,7 @@ class Federation:
         start = time.perf_counter()
         replies, sent, addressed = self.exchange(server_round, arrays, grid)
         sampled = len(sent)
+        partitions = sorted(self.strategy.partitions[n] for n in sent if n in self.strategy.partitions)
         kept, accepted, rejected = self.screen(server_round, replies, sent, addressed)
         refusal = None if len(kept) >= self.cfg.quorum else (
             f"quorum not reached: {len(kept)} accepted, {self.cfg.quorum} needed")
@@ -240,32 +273,42 @@ class Federation:
             # send to aggregated, without the server's evaluation (that is in the evaluate event)
             "round_seconds": time.perf_counter() - start,
             "client_train_seconds": sum(e["train_seconds"] for e in accepted),
-            "committed": refusal is None, **({"not_committed": refusal} if refusal else {})})
+            "committed": refusal is None, **({"not_committed": refusal} if refusal else {}),
+            **({"sampled_partitions": partitions} if partitions else {})})
         if refusal is not None:  # nothing changes: no merge, no evaluation, no checkpoint
             self.progress.print(f"round {server_round}: not committed: {refusal}")
             self.totals.uncommitted += 1
             return arrays
+        state = dict(done[0].state) if done is not None else protocol.from_record(arrays)
         if done is not None:
             self.catch_up_server()
-            arrays = protocol.to_record(done[0].state)
-            self.model.load(done[0].state, server_round)
+            arrays = protocol.to_record(state)
+            self.model.load(state, server_round)
         scores = self.evaluate(server_round)
-        self.commit(server_round, kept, replies, rejected)
+        self.commit(server_round, state, kept, replies, rejected)
         self.progress.end_round(server_round, len(kept), sampled, train_loss, scores, up, down,
                                 time.perf_counter() - start)
         return arrays
 
-    def commit(self, server_round: int, kept: list[ClientReport], replies: list[Message],
-               rejected: list[Rejection]) -> None:
-        """The round's checkpoint: the server trainee's files, the merged updates, the manifest."""
+    def commit(self, server_round: int, state: dict[str, torch.Tensor], kept: list[ClientReport],
+               replies: list[Message], rejected: list[Rejection]) -> None:
+        """The round's checkpoint: the server trainee's files, the merged updates, what a resumed run
+        needs (the module's text), the manifest."""
         def write(folder: Path) -> None:
             self.model.save(folder)
             merged = self.strategy.merged_updates()
             if merged is not None:  # everything merged so far, as one update
-                save_file(merged, str(folder / UPDATES_FILE))
+                save_tensors(merged, folder / UPDATES_FILE)
             if self.cfg.save_updates:
                 for report in kept:
-                    save_file(report.upload, str(folder / f"update-{report.node}.safetensors"))
+                    save_tensors(report.upload, folder / f"update-{report.node}.safetensors")
+            save_tensors(state, folder / STATE_FILE)
+            for version in range(self.saved_version + 1, self.strategy.version + 1):
+                update = self.strategy.history[version - 1]
+                save_tensors(update.to_flat(), folder / HISTORY_FILE.format(version))
+            save_tensors({"rng.torch": torch.get_rng_state(),
+                          **{f"strategy.{k}": v for k, v in self.strategy.state().items()}},
+                         folder / RESUME_FILE)
 
         accepted = [r.node for r in kept]
         self.run_dir.commit_checkpoint(server_round, write, {
@@ -276,22 +319,99 @@ class Federation:
             "rejections": [{"node_id": r.node, "check": r.check, "reason": r.reason} for r in rejected],
             "weights": {str(r.node): r.examples for r in kept},
             "base_version": self.strategy.version, "base_fingerprint": self.model.fingerprint(),
+            "resume": {
+                "node_versions": {str(n): v for n, v in self.strategy.node_versions.items()},
+                "partitions": {str(n): p for n, p in self.strategy.partitions.items()},
+                "totals": dataclasses.asdict(dataclasses.replace(self.totals, rounds=server_round)),
+            },
         })
         self.totals.rounds = server_round
+        self.saved_version = self.strategy.version
+
+    def restore(self, recovery: Recovery) -> ArrayRecord:
+        """Continue after ``recovery``'s checkpoint: the strategy's history, versions and state, the
+        totals, torch's RNG state and the global model; returns the state the next round sends.
+
+        Raises CheckpointError when an update of the history is missing or an older checkpoint holding
+        one does not verify (the run cannot go on exactly), or when the rebuilt frozen part is not the
+        one the checkpoint recorded.
+        """
+        folder = recovery.checkpoint
+        assert folder is not None
+        manifest = json.loads((folder / "manifest.json").read_text())
+        saved = manifest["resume"]
+        files = {int(p.stem.split("-")[1]): p for f in self.run_dir.round_folders()
+                 for p in f.glob(HISTORY_FILE.replace("{:04d}", "*"))}
+        history = []
+        for version in range(1, int(manifest["base_version"]) + 1):
+            if version not in files:
+                raise CheckpointError(f"cannot resume from {folder}: update {version} of the history is in "
+                                      "no checkpoint")
+            if (reason := unverified(files[version].parent)) is not None:
+                raise CheckpointError(f"cannot resume from {folder}: {reason}")
+            history.append(self.strategy.method.update_type.from_flat(load_file(files[version])))
+        extra = load_file(folder / RESUME_FILE)
+        self.strategy.restore(history, {int(n): int(v) for n, v in saved["node_versions"].items()},
+                              {k.removeprefix("strategy."): v for k, v in extra.items()
+                               if k.startswith("strategy.")})
+        self.strategy.partitions.update({int(n): int(p) for n, p in saved["partitions"].items()})
+        self.saved_version = self.strategy.version
+        self.totals = Totals.of(saved["totals"])
+        torch.set_rng_state(extra["rng.torch"])
+        self.catch_up_server()
+        state_now = load_file(folder / STATE_FILE)
+        self.model.load(state_now, recovery.round)
+        expected, held = float(manifest["base_fingerprint"]), self.model.fingerprint()
+        if abs(held - expected) > self.strategy.method.sync_tolerance * max(abs(expected), 1.0):
+            raise CheckpointError(f"cannot resume from {folder}: the frozen part rebuilt from the history "
+                                  f"has fingerprint {held!r}, the checkpoint recorded {expected!r}")
+        return protocol.to_record(state_now)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Tensors as safetensors (contiguous copies where a tensor is a view)."""
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def same_run(run_path: Path, cfg: RunConfig) -> None:
+    """Raise a one-line ValueError when ``cfg`` is not the configuration the run in ``run_path`` had
+    (nothing to compare in a folder without a checkpoint: that run starts afresh)."""
+    path = run_path / "config.json"
+    if not (run_path / "LATEST").exists() or not path.exists():
+        return
+    was, now = json.loads(path.read_text()), cfg.to_run_config()
+    changed = sorted(k for k in set(was) | set(now)
+                     if k not in UNCHANGED_ON_RESUME and was.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        raise ValueError(f"resume: the run in {run_path} had another configuration ({shown}); only "
+                         f"{', '.join(sorted(UNCHANGED_ON_RESUME))} may change")
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: GlobalModel,
                    progress: RoundProgress) -> dict[str, Any]:
     """Run the setup and every round, then write summary.json and report.html; returns the summary."""
     start = time.perf_counter()
+    recovery = run_dir.recover() if cfg.resume else Recovery(None)
+    if recovery.checkpoint is not None:
+        same_run(run_dir.path, cfg)
     run_dir.write_json("config.json", cfg.to_run_config())
     fed = Federation(cfg, run_dir, global_model, progress)
-    initial = fed.evaluate(0)
-    progress.print(f"initial eval loss {initial['loss']:.3f}")
     try:
-        fed.setup(grid)
-        arrays = protocol.to_record(global_model.initial_state())
-        for server_round in range(1, cfg.rounds + 1):
+        fed.identify(grid)
+        if recovery.checkpoint is not None:
+            arrays = fed.restore(recovery)
+            run_dir.append_event({"round": recovery.round, "event": "resumed",
+                                  "checkpoint": recovery.checkpoint.name, "skipped": recovery.skipped,
+                                  "discarded": recovery.discarded})
+            progress.print(f"resumed after round {recovery.round} from {recovery.checkpoint}"
+                           + "".join(f"\n  passed over {reason}" for reason in recovery.skipped))
+        else:
+            initial = fed.evaluate(0)
+            progress.print(f"initial eval loss {initial['loss']:.3f}")
+            fed.setup(grid)
+            arrays = protocol.to_record(global_model.initial_state())
+        for server_round in range(recovery.round + 1, cfg.rounds + 1):
             arrays = fed.train_round(server_round, arrays, grid)
     finally:
         fed.strategy.teardown()

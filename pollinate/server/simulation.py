@@ -14,6 +14,7 @@ from transformers.utils import logging as transformers_logging
 from pollinate.client.app import app as client_app
 from pollinate.config import RunConfig
 from pollinate.server.app import make_server_app, prepare
+from pollinate.server.rundir import CheckpointError
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -45,7 +46,10 @@ def simulate(cfg: RunConfig, run_path: Path, verbose: bool = False) -> dict[str,
     if not verbose:
         _quiet_libraries()
     global_model = prepare(cfg)  # every configuration error stops here, before Ray starts
-    run_simulation(server_app=make_server_app(cfg, run_path, global_model), client_app=client_app,
-                   num_supernodes=cfg.num_clients, backend_config=backend_config(cfg),
-                   verbose_logging=verbose)
+    failures: list[CheckpointError] = []
+    run_simulation(server_app=make_server_app(cfg, run_path, global_model, failures),
+                   client_app=client_app, num_supernodes=cfg.num_clients,
+                   backend_config=backend_config(cfg), verbose_logging=verbose)
+    if failures:
+        raise failures[0]
     return dict(json.loads((run_path / "summary.json").read_text()))

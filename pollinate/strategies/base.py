@@ -6,7 +6,8 @@ A subclass names its method (:attr:`PollinateStrategy.method_name`), may check t
 combines replies (:meth:`combine`). Versions count merged updates: version v means the first v updates
 of :attr:`history` are folded into a node's frozen part. Clients report the version they hold; a
 process that is behind what it was sent asks for a catch-up, and :meth:`catch_up` answers it with the
-updates since its version, combined into one.
+updates since its version, combined into one. What a resumed run needs of a strategy is its history, the
+versions its nodes hold and its own :meth:`state` (:meth:`restore` puts them back).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class PollinateStrategy(FedAvg):
         self.method: Method = self.build_method(cfg)
         self.history: list[Update] = []  # history[v - 1]: update v
         self.node_versions: dict[int, int] = {}
+        self.partitions: dict[int, int] = {}
+        """Node id -> the partition (the stable name) it declared; sampling orders nodes by it, so that
+        a resumed run samples the same shares although a new simulation gives its nodes new ids."""
         self._records: dict[tuple[int, int], ArrayRecord] = {}  # (since, version) -> the downlink
 
     @classmethod
@@ -91,6 +95,18 @@ class PollinateStrategy(FedAvg):
     def commit(self, update: Update) -> None:
         """Append ``update`` to the history every node catches up from."""
         self.history.append(update)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What this strategy keeps between rounds besides its history (default: nothing)."""
+        return {}
+
+    def restore(self, history: list[Update], node_versions: dict[int, int],
+                state: dict[str, torch.Tensor]) -> None:
+        """Put back what a checkpoint kept: the history, the nodes' versions and :meth:`state`."""
+        self.history, self.node_versions, self._records = list(history), dict(node_versions), {}
+        if state:
+            raise ValueError(f"strategy {self.cfg.strategy!r} keeps no state, but a checkpoint gave "
+                             f"{sorted(state)}")
 
     def merged_updates(self) -> dict[str, torch.Tensor] | None:
         """Every update so far as one (what a checkpoint keeps), or None before the first."""
@@ -136,18 +152,22 @@ class PollinateStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Wait for every node, sample ``clients-per-round`` of them, then one message per sampled node
         carrying the updates it still needs."""
-        every = super().configure_train(server_round, arrays, config, grid)
-        nodes = sorted(m.metadata.dst_node_id for m in every)
         return [self.node_message(node, arrays, config, self.node_versions.get(node, 0))
-                for node in self.sample(server_round, nodes)]
+                for node in self.sample(server_round, self.nodes(server_round, grid))]
+
+    def nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """Every node of the run, once all have registered (Flower's wait), in id order."""
+        every = super().configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+        return sorted(m.metadata.dst_node_id for m in every)
 
     def sample(self, server_round: int, nodes: list[int]) -> list[int]:
-        """``clients-per-round`` of ``nodes``, drawn from the run's seed and the round alone, so that a
-        resumed run samples what the uninterrupted one did."""
+        """``clients-per-round`` of ``nodes``, drawn from the run's seed and the round alone over the
+        nodes ordered by partition, so that a resumed run samples what the uninterrupted one did."""
         count = self.cfg.clients_per_round or len(nodes)
         if count >= len(nodes):
             return nodes
-        return sorted(random.Random(self.cfg.seed * 1_000_003 + server_round).sample(nodes, count))
+        ordered = sorted(nodes, key=lambda node: (self.partitions.get(node, -1), node))
+        return sorted(random.Random(self.cfg.seed * 1_000_003 + server_round).sample(ordered, count))
 
     def catch_up(self, reply: Message, arrays: ArrayRecord, config: ConfigRecord,
                  message_type: str = "train") -> Message:

@@ -14,6 +14,7 @@ more are drawn more often; max/min ≤ e.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from pollinate.methods.fedkseed.method import (
 from pollinate.methods.fedkseed.zo import pro_probabilities
 from pollinate.protocol import ClientReport
 from pollinate.strategies.base import Aggregate, PollinateStrategy, refuse_client_ranks, weights_of
+
+if TYPE_CHECKING:
+    from pollinate.methods.base import Update
 
 HISTORY_CLIP = 1000.0
 """|g| above this enters Pro's history clipped (the paper's default), so one outlier cannot dominate."""
@@ -68,6 +72,17 @@ class FedKSeedPro(FedKSeed):
         k = cfg.fedkseed.seeds
         self.abs_sums = torch.zeros(k, dtype=torch.float64)
         self.counts = torch.zeros(k, dtype=torch.float64)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every seed's history of |g|: its sum and count."""
+        return {"abs-sums": self.abs_sums, "counts": self.counts}
+
+    def restore(self, history: list[Update], node_versions: dict[int, int],
+                state: dict[str, torch.Tensor]) -> None:
+        """The history of |g| besides what every strategy restores."""
+        super().restore(history, node_versions, {})
+        self.abs_sums = state["abs-sums"].to(torch.float64).clone()
+        self.counts = state["counts"].to(torch.float64).clone()
 
     def next_state(self, reports: Sequence[ClientReport]) -> dict[str, torch.Tensor]:
         """Add the round's |g| to every seed's history; send softmax(minmax(mean |g|))."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from pollinate import protocol
@@ -54,9 +54,7 @@ class FedSb(PollinateStrategy):
                         ) -> dict[str, torch.Tensor]:
         """Ask every node for its share's gradient sums once, and add them up."""
         setup = ConfigRecord({**config, protocol.SETUP: "fedsb-init"})
-        sampled = super().configure_train(0, ArrayRecord(), setup, grid)
-        messages = [self.node_message(m.metadata.dst_node_id, None, setup, 0, "query")
-                    for m in sampled]
+        messages = [self.node_message(node, None, setup, 0, "query") for node in self.nodes(0, grid)]
         replies = [r for r in exchange(messages) if not r.has_error()]
         if not replies:
             raise RuntimeError("fedsb.init = 'federated': no client answered the setup exchange")
