@@ -146,9 +146,14 @@ def _prepare(msg: Message, context: Context) -> _Ready | Message:
     except ValueError as err:
         return _refuse(msg, str(err))
     budgeted = profile.budget is not None
-    trainee = STATE.trainee(TraineeKey(context.run_id, cfg, plan), lambda: method.client(plan), budgeted)
+    trainee_key = TraineeKey(context.run_id, cfg, plan)
+    trainee = STATE.trainee(trainee_key, lambda: method.client(plan), budgeted)
     if not sync_updates(trainee, method, msg):
-        return _reply(msg, {protocol.CATCH_UP: 1, protocol.BASE_VERSION: trainee.version})
+        if int(record.get(protocol.BASE_FROM, 0)) != 0:  # type: ignore[arg-type]
+            return _reply(msg, {protocol.CATCH_UP: 1, protocol.BASE_VERSION: trainee.version})
+        STATE.forget(trainee)  # it holds part of what the record combines: start again from the base
+        trainee = STATE.trainee(trainee_key, lambda: method.client(plan), budgeted)
+        sync_updates(trainee, method, msg)
     seed = workload.round_seed(cfg, int(record[protocol.ROUND]), profile.partition_id)  # type: ignore[arg-type]
     if protocol.ARRAYS in msg.content.array_records:
         trainee.load(protocol.from_record(protocol.arrays_of(msg)), seed=seed)

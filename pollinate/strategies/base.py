@@ -5,8 +5,8 @@ A subclass names its method (:attr:`PollinateStrategy.method_name`), may check t
 (:meth:`check`), may run a setup exchange before round 1 (:meth:`setup`) and a :meth:`teardown`, and
 combines replies (:meth:`combine`). Versions count merged updates: version v means the first v updates
 of :attr:`history` are folded into a node's frozen part. Clients report the version they hold; a
-process that is behind what it was sent asks for a catch-up, and :meth:`catch_up` answers it with the
-updates since its version, combined into one. What a resumed run needs of a strategy is its history, the
+process that cannot apply what it was sent asks for a catch-up, and :meth:`catch_up` answers it with
+every update, combined into one. What a resumed run needs of a strategy is its history, the
 versions its nodes hold and its own :meth:`state` (:meth:`restore` puts them back).
 """
 
@@ -171,9 +171,11 @@ class PollinateStrategy(FedAvg):
 
     def catch_up(self, reply: Message, arrays: ArrayRecord, config: ConfigRecord,
                  message_type: str = "train") -> Message:
-        """Answer a node whose process holds an older version than it was sent: resend from there."""
-        held = int(protocol.metric(protocol.metrics_of(reply), protocol.BASE_VERSION))
-        return self.node_message(reply.metadata.src_node_id, arrays, config, held, message_type)
+        """Answer a node whose process could not apply what it was sent: resend every update from the
+        base. One resend always suffices: a process holding part of them starts again from the base
+        (in a simulation the resend may reach another process than the one that asked, at a version
+        of its own)."""
+        return self.node_message(reply.metadata.src_node_id, arrays, config, 0, message_type)
 
     # -- uplink -----------------------------------------------------------------------------------
 

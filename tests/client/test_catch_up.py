@@ -1,5 +1,5 @@
-"""A client process that missed rounds catches up exactly: the server sends the updates from the
-version the process reports, combined (factored or dense, whichever is smaller)."""
+"""A client process that missed rounds catches up exactly: the server resends every update from the base,
+combined (factored or dense, whichever is smaller)."""
 
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -53,3 +53,16 @@ def test_a_stale_process_asks_and_then_matches_the_server(flower_task: None) -> 
     # Another client of the same process then gets the v3 message: nothing is merged twice.
     again = strategy.node_message(8, wire.to_record({}), config, since=0)
     assert sync_updates(client, strategy.method, again) and client.version == 3
+
+
+def test_a_catch_up_resends_from_the_base_whatever_version_was_reported(flower_task: None) -> None:
+    strategy = build_strategy(CFG)
+    node = _node()
+    for seed in (1, 2, 3):
+        strategy.commit(_round_update(node, seed))
+    config = ConfigRecord({**CFG.to_run_config(), wire.ROUND: 4})
+    stale = strategy.node_message(7, wire.to_record({}), config, since=2)
+    ask = Message(RecordDict({wire.METRICS: MetricRecord({wire.CATCH_UP: 1, wire.BASE_VERSION: 1})}),
+                  reply_to=stale)
+    resend = wire.config_of(strategy.catch_up(ask, wire.to_record({}), config))
+    assert (resend[wire.BASE_FROM], resend[wire.BASE_TO]) == (0, 3)  # any process can rebuild from it

@@ -56,7 +56,8 @@ def test_recovery_falls_back_past_a_checkpoint_that_does_not_verify(tmp_path: Pa
         run.append_event({"round": r, "event": "train"})
     (run.checkpoints / "round-0003" / "state.bin").write_bytes(b"flipped")
     found = RunDir(run.path).recover()
-    assert found.round == 2 and found.skipped == ["round-0003: state.bin does not match its hash in the manifest"]
+    assert found.round == 2
+    assert found.skipped == ["round-0003: state.bin does not match its hash in the manifest"]
     assert found.discarded == ["round-0003"] and run.latest_checkpoint() == run.checkpoints / "round-0002"
     assert [e["round"] for e in run.events()] == [1, 2]  # the lines of discarded rounds go too
 
@@ -131,6 +132,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_says_so(tmp_path: Path) 
     assert done.stdout.startswith("the checkpoint of round 2 could not be written ([Errno 27] File too large")
     assert f"the last committed checkpoint is still {path / 'checkpoints' / 'round-0001'}" in done.stdout
     run = RunDir(path)
-    assert run.latest_checkpoint() == run.checkpoints / "round-0001" and unverified(run.latest_checkpoint()) is None
+    assert run.latest_checkpoint() == run.checkpoints / "round-0001"
+    assert unverified(run.checkpoints / "round-0001") is None
     assert [p.name for p in run.checkpoints.iterdir()] == ["round-0001"]
     assert not list(path.rglob(f"*{TMP_MARK}*"))
