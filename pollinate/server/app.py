@@ -39,6 +39,7 @@ def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel 
     """Run the federation into ``run_path``; print the outcome; return the summary."""
     model = global_model or prepare(cfg)
     run_dir = RunDir(run_path)
+    run_dir.remove_temp_files()  # a killed run's leftovers: never read
     sample = model.heldout[0] if cfg.task == GENERATION else None
     base_answer = model.answer(str(sample["prompt"])) if sample else ""  # before any merge
     with RoundProgress(cfg.rounds) as progress:

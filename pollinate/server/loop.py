@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -115,10 +116,23 @@ def client_event(server_round: int, report: ClientReport, method: str, bytes_dow
     }
 
 
+_WRAPPED = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)", re.DOTALL)
+
+
+def failure_reason(reason: str) -> str:
+    """An error reply's reason in one line. Flower passes a simulated client's crash on as the raw text
+    of a Ray exception, ``<class 'ray.exceptions.ActorDiedError'>:<'The actor died ...\n\t...'>``:
+    that becomes ``ActorDiedError: The actor died ...``."""
+    if found := _WRAPPED.match(reason):
+        reason = f"{found.group(1)}: {found.group(2)}"
+    lines = reason.strip().splitlines()
+    return (lines[0] if lines else "no reason given").strip(" '>")[:300]
+
+
 def failed_event(server_round: int, reply: Message) -> dict[str, Any]:
     """The metrics.jsonl line of an error reply (a refusal, a crash)."""
     return {"round": server_round, "event": "failed", "node_id": reply.metadata.src_node_id,
-            "reason": reply.error.reason}
+            "code": reply.error.code, "reason": failure_reason(reply.error.reason or "")}
 
 
 class Federation:
@@ -130,7 +144,9 @@ class Federation:
         self.strategy: PollinateStrategy = build_strategy(cfg)
         self.totals = Totals()
         self.late: set[str] = set()
-        """Instructions of earlier rounds still unanswered at their deadline."""
+        """Instructions of earlier rounds still unanswered (their replies are pulled, and rejected)."""
+        self.missed: set[str] = set()
+        """Every instruction that was still unanswered at its round's deadline."""
         self.saved_version = 0
         """The strategy's version the last checkpoint holds (its later updates go into the next one)."""
         self.max_examples = cfg.max_examples or max(
@@ -205,13 +221,14 @@ class Federation:
             replies = [r for r in replies if id(r) not in asked] + collect(
                 grid, again, self.progress, self.cfg.round_timeout, self.late)
             messages += again
+        self.missed |= self.late
         return replies, sent, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
     def screen(self, server_round: int, replies: list[Message], sent: dict[int, int],
                addressed: dict[str, int]) -> tuple[list[ClientReport], list[dict[str, Any]], list[Rejection]]:
         """Record every reply; keep the reports that pass every check (``pollinate.server.validate``)."""
         checks = RoundChecks(self.strategy.method, self.model.trainee, addressed, self.max_examples,
-                             self.model.fingerprint(), self.strategy.method.sync_tolerance)
+                             self.model.fingerprint(), self.strategy.method.sync_tolerance, self.missed)
         passed: list[ClientReport] = []
         rejected: list[Rejection] = []
         for reply in replies:

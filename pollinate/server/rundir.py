@@ -74,16 +74,19 @@ class Recovery:
 
 
 class RunDir:
-    """One run's folder; every write is atomic, events are appended and flushed line by line."""
+    """One run's folder; every write is atomic, events are appended and flushed line by line.
+
+    Opening one changes nothing in it (a reader may open the folder of a run still going); the server
+    calls :meth:`remove_temp_files` (or :meth:`recover`) at start-up.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.checkpoints = path / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self._remove_temp_files()
 
-    def _remove_temp_files(self) -> None:
-        """Leftovers of a writer killed mid-write are never read: delete them at start-up."""
+    def remove_temp_files(self) -> None:
+        """Leftovers of a writer killed mid-write are never read: the server deletes them at start-up."""
         for leftover in [*self.path.glob(f"*{TMP_MARK}*"), *self.checkpoints.glob(f"*{TMP_MARK}*")]:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
@@ -160,6 +163,7 @@ class RunDir:
         LATEST is the commit point, so a folder newer than the one it names was never committed; when
         LATEST is missing or names no checkpoint folder, every folder is a candidate, newest first.
         """
+        self.remove_temp_files()
         try:
             named = self.latest_checkpoint()
         except OSError:

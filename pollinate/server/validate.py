@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +69,14 @@ class RoundChecks:
         The largest ``num-examples`` a reply may claim.
     fingerprint, tolerance : float
         The server's frozen part and the method's tolerance (:attr:`Method.sync_tolerance`).
+    missed : Collection[str]
+        Instructions of earlier rounds that were still unanswered at their round's deadline.
     """
 
     def __init__(self, method: Any, server: Any, addressed: Mapping[str, int], max_examples: int,
-                 fingerprint: float, tolerance: float) -> None:
+                 fingerprint: float, tolerance: float, missed: Collection[str] = ()) -> None:
         self.method, self.server, self.addressed = method, server, dict(addressed)
+        self.missed = set(missed)
         self.max_examples, self.fingerprint, self.tolerance = max_examples, fingerprint, tolerance
         self.accepted: set[int] = set()
         self._schemas: dict[tuple[tuple[str, int], ...], Schema | str] = {}
@@ -149,6 +152,8 @@ class RoundChecks:
     def _envelope(self, reply: Message) -> str | None:
         node = reply.metadata.src_node_id
         to = self.addressed.get(reply.metadata.reply_to_message_id)
+        if to is None and reply.metadata.reply_to_message_id in self.missed:
+            return "stale: a reply to an instruction of an earlier round, after its deadline"
         if to is None:
             return "a reply to no instruction of this round (stale or foreign)"
         if to != node:

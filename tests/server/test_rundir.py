@@ -34,7 +34,9 @@ def test_leftover_temp_files_are_removed_at_start_up(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     (run.path / f"summary.json.tmp.{os.getpid()}").write_text("half")
     (run.checkpoints / "round-0003.tmp.123").mkdir()
-    RunDir(run.path)
+    RunDir(run.path)  # a reader changes nothing
+    assert len(list(run.path.rglob("*.tmp.*"))) == 2
+    RunDir(run.path).remove_temp_files()
     assert not list(run.path.rglob("*.tmp.*"))
 
 
