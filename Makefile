@@ -37,6 +37,9 @@ bench: setup  # one after the other: timings on 2 cores are only fair on a quiet
 	$(BIN)/python benchmarks/strategies_bytes.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/edge_bench.py
+	$(BIN)/python benchmarks/validation.py
+	$(BIN)/python benchmarks/faults.py soak
+	$(BIN)/python benchmarks/faults.py attack
 
 lint: setup
 	$(BIN)/ruff check pollinate tests benchmarks

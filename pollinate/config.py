@@ -28,7 +28,7 @@ from pollinate.methods.settings import positive as _positive
 
 Scalar = bool | int | float | str
 EVAL_SPLITS = ("held-out", "validation")
-ROBUST = ("none", "clip")
+ROBUST = ("none", "clip")  # the keys of pollinate.server.validate.BOUND_POLICIES
 
 @dataclass(frozen=True)
 class DataFields:

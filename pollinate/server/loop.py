@@ -33,7 +33,7 @@ from pollinate.server.global_model import GlobalModel
 from pollinate.server.progress import RoundProgress
 from pollinate.server.report import write_report
 from pollinate.server.rundir import CheckpointError, Recovery, RunDir, unverified
-from pollinate.server.validate import CHECKS, Rejection, RoundChecks
+from pollinate.server.validate import BOUND_POLICIES, CHECKS, Rejection, RoundChecks
 from pollinate.strategies import PollinateStrategy, build_strategy
 from pollinate.strategies.base import NotCommitted
 
@@ -241,23 +241,17 @@ class Federation:
                 rejected.append(outcome)
             else:
                 passed.append(outcome)
-        if self.cfg.robust == "clip":
-            passed, factors = checks.clipped(passed, self.cfg.update_bound)
-            for node, factor in factors.items():
-                self.run_dir.append_event({"round": server_round, "event": "clipped", "node_id": node,
-                                           "factor": factor})
-            outliers: list[Rejection] = []
-        else:
-            outliers = checks.outliers(passed, self.cfg.update_bound)
-        rejected += outliers
+        bounded = BOUND_POLICIES[self.cfg.robust].apply(checks, passed, self.cfg.update_bound)
+        for node, factor in bounded.clipped.items():
+            self.run_dir.append_event({"round": server_round, "event": "clipped", "node_id": node,
+                                       "factor": factor})
+        rejected += bounded.rejected
         for rejection in rejected:
             self.run_dir.append_event(rejection.event(server_round))
             self.totals.rejected += 1
             self.totals.rejected_by_check[rejection.check] += 1
-        kept, accepted, dropped = [], [], {r.node for r in outliers}
-        for report in passed:
-            if report.node in dropped:
-                continue
+        kept, accepted = [], []
+        for report in bounded.kept:
             event = client_event(server_round, report, self.method, sent.get(report.node, 0))
             self.run_dir.append_event(event)
             kept.append(report)

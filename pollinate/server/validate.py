@@ -15,7 +15,7 @@ import math
 import statistics
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ArrayRecord, Message
@@ -214,4 +214,44 @@ def _numerics(upload: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-__all__ = ["CHECKS", "MAX_ABS", "Rejection", "RoundChecks"]
+@dataclass(frozen=True)
+class Bounded:
+    """What a round keeps of the reports that passed every check, under the update-size bound."""
+
+    kept: list[ClientReport]
+    rejected: list[Rejection]
+    clipped: dict[int, float]
+    """Node -> the factor its update was scaled by."""
+
+
+class BoundPolicy(Protocol):
+    """What a round does with an update above ``update-bound`` times its median (``robust``)."""
+
+    def apply(self, checks: RoundChecks, reports: list[ClientReport], bound: float) -> Bounded:
+        """The reports kept, the rejections, the clipped nodes."""
+        ...
+
+
+class RejectOversized:
+    """``robust = "none"``: a report whose update is above the bound is rejected (check ``update``)."""
+
+    def apply(self, checks: RoundChecks, reports: list[ClientReport], bound: float) -> Bounded:
+        rejected = checks.outliers(reports, bound)
+        dropped = {r.node for r in rejected}
+        return Bounded([r for r in reports if r.node not in dropped], rejected, {})
+
+
+class ClipOversized:
+    """``robust = "clip"``: a report whose update is above the bound is scaled down to it and kept."""
+
+    def apply(self, checks: RoundChecks, reports: list[ClientReport], bound: float) -> Bounded:
+        kept, factors = checks.clipped(reports, bound)
+        return Bounded(kept, [], factors)
+
+
+BOUND_POLICIES: dict[str, BoundPolicy] = {"none": RejectOversized(), "clip": ClipOversized()}
+"""The value of ``robust`` -> what the round does with an update above ``update-bound``."""
+
+__all__ = ["BOUND_POLICIES", "CHECKS", "MAX_ABS", "BoundPolicy", "Bounded", "ClipOversized", "Rejection",
+           "RejectOversized", "RoundChecks"]
+

@@ -24,6 +24,8 @@ import pytest
 from pollinate.files import sha256_file
 from pollinate.server.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # real simulations, minutes
+
 SIX = ["model=tiny-llama", "num-clients=6", "sim.workers=6", "local-steps=60", "eval-examples=8",
        "min-accepted=3"]
 

@@ -23,6 +23,8 @@ from pollinate.cli import main
 from pollinate.files import TMP_MARK
 from pollinate.server.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # real simulations, minutes
+
 TINY = ["model=tiny-llama", "num-clients=4", "clients-per-round=2", "rounds=6", "local-steps=2",
         "eval-examples=8"]
 KILL_AFTER = 3
