@@ -198,6 +198,10 @@ class Federation:
             return replies
 
         self.strategy.setup(self.model.trainee, exchange, grid, config)
+        for node, reason in self.strategy.setup_rejections:
+            self.run_dir.append_event(Rejection(node, "setup", reason).event(0))
+            self.totals.rejected += 1
+            self.totals.rejected_by_check["setup"] += 1
         self.catch_up_server()
 
     def exchange(self, server_round: int, arrays: ArrayRecord, grid: Grid

@@ -36,7 +36,8 @@ COUNTED = (protocol.NUM_EXAMPLES, protocol.TRAIN_LOSS, protocol.TRAIN_SECONDS, p
            protocol.EXAMPLES_SEEN, protocol.TOKENS_SEEN, protocol.BYTES_DOWN, protocol.BASE_VERSION,
            protocol.BASE_FINGERPRINT)
 """The figures a report reads as numbers: each must be one (a list, NaN or infinity is refused)."""
-CHECKS = ("envelope", "metrics", "weight", "size", "decode", "schema", "numerics", "sync", "update")
+CHECKS = ("envelope", "metrics", "weight", "size", "decode", "schema", "numerics", "sync", "update", "setup")
+"""Every check a reply can fail; ``setup`` is a strategy's own check of a setup exchange's answers."""
 MIN_FOR_MEDIAN = 3
 """Accepted replies a round needs before the median of their update sizes means anything."""
 

@@ -65,6 +65,8 @@ class PollinateStrategy(FedAvg):
         """Node id -> the partition (the stable name) it declared; sampling orders nodes by it, so that
         a resumed run samples the same shares although a new simulation gives its nodes new ids."""
         self._records: dict[tuple[int, int], ArrayRecord] = {}  # (since, version) -> the downlink
+        self.setup_rejections: list[tuple[int, str]] = []
+        """(node, reason) of every setup answer :meth:`setup` left out (the loop records them)."""
 
     @classmethod
     def build_method(cls, cfg: RunConfig) -> Method:

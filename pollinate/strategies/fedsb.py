@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from pollinate import protocol
 from pollinate.aggregation import weighted_average
 from pollinate.config import RunConfig
+from pollinate.methods.base import schema_of
 from pollinate.methods.lora_sb.layer import R_KEY
 from pollinate.methods.lora_sb.method import LoraSbMethod, LoraSbTrainee
 from pollinate.methods.lora_sb.rules import average_r
@@ -47,20 +48,38 @@ class FedSb(PollinateStrategy):
         if self.method.calibration_size() > 0:
             sums = server.gradient_sums(self.method.calibration_examples(server))
         else:
-            sums = self._federated_sums(exchange, grid, config)
+            sums = self._federated_sums(server, exchange, grid, config)
         self.commit(self.method.factors(sums))
 
-    def _federated_sums(self, exchange: Exchange, grid: Grid, config: ConfigRecord
+    def _federated_sums(self, server: LoraSbTrainee, exchange: Exchange, grid: Grid, config: ConfigRecord
                         ) -> dict[str, torch.Tensor]:
         """Ask every node for its share's gradient sums once, and add them up."""
         setup = ConfigRecord({**config, protocol.SETUP: "fedsb-init"})
         messages = [self.node_message(node, None, setup, 0, "query") for node in self.nodes(0, grid)]
-        replies = [r for r in exchange(messages) if not r.has_error()]
-        if not replies:
-            raise RuntimeError("fedsb.init = 'federated': no client answered the setup exchange")
+        total = self.add_up(server, exchange(messages))
+        if not total:
+            raise RuntimeError("fedsb.init = 'federated': no client answered the setup exchange usably")
+        return total
+
+    def add_up(self, server: LoraSbTrainee, replies: Sequence[Message]) -> dict[str, torch.Tensor]:
+        """The sum of the answers' gradient sums; an answer that is not exactly one fp32 sum per target
+        weight, of its shape and finite, is left out (in :attr:`setup_rejections`)."""
+        expected = schema_of({name: layer.base.weight for name, layer in server.layers.items()})
         total: dict[str, torch.Tensor] = {}
-        for reply in replies:  # each a sum over its share: their sum is the sum over every example
-            for name, grad in protocol.from_record(protocol.arrays_of(reply)).items():
+        for reply in replies:  # each a sum over its share: their sum is over every example
+            if reply.has_error():
+                continue
+            reason: str | None
+            try:
+                sums = protocol.from_record(protocol.arrays_of(reply))
+            except Exception as error:  # noqa: BLE001 - any undecodable answer is left out, with its reason
+                sums, reason = {}, f"its gradient sums do not decode ({type(error).__name__})"
+            else:
+                reason = expected.check(sums) or expected.check_values(sums) or _nonfinite(sums)
+            if reason is not None:
+                self.setup_rejections.append((reply.metadata.src_node_id, reason))
+                continue
+            for name, grad in sums.items():
                 total[name] = total[name] + grad if name in total else grad.clone()
         return total
 
@@ -73,3 +92,10 @@ class FedSb(PollinateStrategy):
         if heads[0]:  # a classification head travels beside R
             state.update(weighted_average(heads, weights))
         return Aggregate(state=state)
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why a setup answer is unusable (a NaN or an infinity), or None."""
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    return f"{bad[0]} holds NaN or infinite values" if bad else None
+

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Message, RecordDict
 from safetensors.torch import load_file
 
+from pollinate import protocol as wire
 from pollinate import workload
 from pollinate.aggregation import normalised_weights
 from pollinate.cli import main
@@ -143,3 +145,26 @@ def test_bad_settings_get_one_line(setting: str, message: str,
                                    simulate_error: Callable[[list[str]], str]) -> None:
     err = simulate_error(["--set", *SETTINGS, setting]).removeprefix("pollinate: error: ")
     assert re.match(message, err), err
+
+
+def test_a_setup_answer_that_is_not_a_sum_per_target_is_left_out(flower_task: None) -> None:
+    cfg = RunConfig.from_run_config({"model": "tiny-llama", "strategy": "fedsb", "fedsb.init": "federated",
+                                     "fedsb.rank": RANK, "eval-examples": 8})
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, FedSb)
+    server = strategy.method.server()
+    good = {name: torch.full_like(layer.base.weight, 0.5) for name, layer in server.layers.items()}
+    first = next(iter(good))
+
+    def answer(node: int, sums: dict[str, torch.Tensor]) -> Message:
+        ask = Message(RecordDict(), dst_node_id=node, message_type="query")
+        return Message(RecordDict({wire.ARRAYS: wire.to_record(sums)}), reply_to=ask)
+
+    answers = [answer(1, good), answer(2, good),
+               answer(3, {**good, first: good[first][:1]}),  # a wrong shape
+               answer(4, {k: v for k, v in good.items() if k != first}),  # a target missing
+               answer(5, {**good, first: torch.full_like(good[first], float("nan"))})]
+    total = strategy.add_up(server, answers)
+    assert all(torch.equal(total[k], 2 * good[k]) for k in good)  # the two good answers alone
+    assert [node for node, _ in strategy.setup_rejections] == [3, 4, 5]
+    assert "shape" in strategy.setup_rejections[0][1] and "NaN" in strategy.setup_rejections[2][1]
