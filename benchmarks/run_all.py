@@ -233,12 +233,32 @@ def write_doc(quick: bool, minutes: dict[str, float]) -> Path:
         *overhead_section(results["overhead"], minutes.get("overhead")),
         *trainer_section(results["trainer"], minutes.get("trainer")),
         *learning_section(results["learning"], minutes.get("learning")),
+        *kept_sections(DOC),
         *strategies_section(quick),
     ]
     path = RESULTS / "benchmarks.quick.md" if quick else DOC
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
+
+
+GENERATED = ("## Goals", "## 1. ", "## 2. ", "## 3. ", "## Exact aggregation")
+"""Headings of the sections this script writes; every other ``## `` section of the page is kept as it is
+(the headlines other benchmark scripts' pages are summed up in, written by hand from their results)."""
+
+
+def kept_sections(path: Path) -> list[str]:
+    """The lines of every section of ``path`` this script does not write, in their order."""
+    if not path.exists():
+        return []
+    kept: list[str] = []
+    keep = False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            keep = not line.startswith(GENERATED)
+        if keep:
+            kept.append(line)
+    return [*kept, ""] if kept else []
 
 
 def strategies_section(quick: bool) -> list[str]:
