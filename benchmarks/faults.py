@@ -9,11 +9,11 @@ between round 10 and round 50.
 (the setting of ``strategies_quality.py``), FedIT at rank 8. Partition 0 is an attacker: a ClientApp
 that runs pollinate's own ``train`` and multiplies both LoRA factors of its reply by 10, so its update
 B·A is 100x. Runs: no attacker; the attacker against no defence (``update-bound = 0``); against the
-default bound (rejected above 10x the round's median); against ``robust = "clip"``. Goal: accuracy with
-a defence within 2 points of the run without attacker.
+default bound (rejected above 10x the round's median); against ``robust = "clip"`` at that bound and at
+2x the median. Goal: accuracy with a defence within 2 points of the run without attacker.
 
     python benchmarks/faults.py soak
-    python benchmarks/faults.py attack
+    python benchmarks/faults.py attack [--only NAME ...]   # --only: rerun those runs, keep the rest
 
 Writes ``benchmarks/results/faults-<soak|attack>.json``; ``docs/benchmarks-faults.md`` is rebuilt from
 both results files present.
@@ -43,6 +43,7 @@ ATTACK = {"model": "minilm-l6", "task": "classification", "dataset": "rotten-tom
 DEFENCES: dict[str, dict[str, Any]] = {
     "no attacker": {}, "attacker, no defence": {"update-bound": 0},
     "attacker, bound (reject)": {}, "attacker, robust = clip": {"robust": "clip"},
+    "attacker, clip at 2x the median": {"robust": "clip", "update-bound": 2},
 }
 ATTACKER = 0  # the partition that attacks
 FACTOR = 10.0  # on each LoRA factor: 100x on B·A
@@ -147,11 +148,14 @@ def attack_run(name: str, run_dir: Path) -> None:
         raise failures[0]
 
 
-def attack() -> dict[str, Any]:
-    """Every defence, each in a fresh process."""
+def attack(only: list[str] | None) -> dict[str, Any]:
+    """Every defence (or ``only`` those, keeping the other runs on record), each in a fresh process."""
+    saved = RESULTS / "faults-attack.json"
     out: dict[str, Any] = {"settings": ATTACK, "factor_on_update": FACTOR ** 2, "runs": {},
                            "machine": machine()}
-    for name in DEFENCES:
+    if only and saved.exists():
+        out["runs"] = json.loads(saved.read_text())["runs"]
+    for name in only or DEFENCES:
         run_dir = Path(tempfile.mkdtemp(prefix="attack-")) / "run"
         start = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--one", name, str(run_dir)], check=True,
@@ -189,20 +193,17 @@ def write_doc() -> None:
     if attack_file.exists():
         a = json.loads(attack_file.read_text())
         clean = a["runs"]["no attacker"]["accuracy"]
-        rows = [[name, f"{r['accuracy']:.3f}", f"{(r['accuracy'] - clean) * 100:+.1f}", f"{r['loss']:.3f}",
-                 ", ".join(f"{k} {v}" for k, v in r["rejected"].items()) or "0", r["clipped"],
-                 " ".join(map(str, r["accepted_per_round"]))]
+        rows = [[name, f"{r['accuracy']:.3f}", f"{(r['accuracy'] - clean) * 100:+.1f}",
+                 "-" if name == "no attacker" else mark(abs(r["accuracy"] - clean) <= 0.02),
+                 f"{r['loss']:.3f}", ", ".join(f"{k} {v}" for k, v in r["rejected"].items()) or "0",
+                 r["clipped"], " ".join(map(str, r["accepted_per_round"]))]
                 for name, r in a["runs"].items()]
-        defended = [r["accuracy"] for n, r in a["runs"].items() if n.startswith("attacker,") and
-                    "no defence" not in n]
         parts += ["## One attacker of ten: its update 100x", "",
                   "MiniLM-L6 on Rotten Tomatoes, 10 Dirichlet(0.5) clients, 4 rounds, FedIT rank 8, 500 "
-                  "held-out examples. Partition 0 multiplies both LoRA factors of every reply by "
+                  "held-out examples, seed 0. Partition 0 multiplies both LoRA factors of every reply by "
                   f"{a['factor_on_update'] ** 0.5:.0f} (B·A by {a['factor_on_update']:.0f}).", "",
-                  table(["run", "accuracy", "points vs no attacker", "eval loss", "rejected", "clipped",
-                         "accepted per round"], rows), "",
-                  "Goal: with a defence, accuracy within 2 points of the run without attacker: "
-                  f"{mark(all(abs(acc - clean) <= 0.02 for acc in defended))}.", "",
+                  table(["run", "accuracy", "points vs no attacker", "within 2 points (goal)", "eval loss",
+                         "rejected", "clipped", "accepted per round"], rows), "",
                   f"Machine: {a['machine']}.", ""]
     DOC.write_text("\n".join(parts))
 
@@ -210,13 +211,14 @@ def write_doc() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", choices=["soak", "attack", "docs"], default="docs")
+    parser.add_argument("--only", nargs="+", choices=sorted(DEFENCES), help="attack: rerun only these")
     parser.add_argument("--one", nargs=2, metavar=("RUN", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         attack_run(args.one[0], Path(args.one[1]))
         return
     if args.what != "docs":
-        result = soak() if args.what == "soak" else attack()
+        result = soak() if args.what == "soak" else attack(args.only)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"faults-{args.what}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     write_doc()
