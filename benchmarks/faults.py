@@ -14,9 +14,10 @@ default bound (rejected above 10x the round's median); against ``robust = "clip"
 
     python benchmarks/faults.py soak
     python benchmarks/faults.py attack [--only NAME ...]   # --only: rerun those runs, keep the rest
+    python benchmarks/faults.py attack --rounds 10          # the same at 10 rounds (a model that learned)
 
-Writes ``benchmarks/results/faults-<soak|attack>.json``; ``docs/benchmarks-faults.md`` is rebuilt from
-both results files present.
+Writes ``benchmarks/results/faults-soak.json`` and ``faults-attack[-r<rounds>].json``;
+``docs/benchmarks-faults.md`` is rebuilt from every such file present.
 """
 
 from __future__ import annotations
@@ -115,7 +116,12 @@ def soak() -> dict[str, Any]:
             "machine": machine()}
 
 
-def attack_run(name: str, run_dir: Path) -> None:
+def attack_file(rounds: int) -> Path:
+    """The results file of the attack at ``rounds`` rounds."""
+    return RESULTS / ("faults-attack.json" if rounds == ATTACK["rounds"] else f"faults-attack-r{rounds}.json")
+
+
+def attack_run(name: str, run_dir: Path, rounds: int) -> None:
     """One run of the attack setting, in this process (``--one``)."""
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
@@ -140,7 +146,7 @@ def attack_run(name: str, run_dir: Path) -> None:
 
     attacked.evaluate()(pollinate_client.evaluate_share)
     attacked.query()(pollinate_client.setup)
-    cfg = RunConfig.from_run_config({**ATTACK, **DEFENCES[name], "run-dir": str(run_dir)})
+    cfg = RunConfig.from_run_config({**ATTACK, **DEFENCES[name], "rounds": rounds, "run-dir": str(run_dir)})
     failures: list[Any] = []
     run_simulation(server_app=make_server_app(cfg, run_dir, prepare(cfg), failures), client_app=attacked,
                    num_supernodes=cfg.num_clients, backend_config=backend_config(cfg))
@@ -148,17 +154,17 @@ def attack_run(name: str, run_dir: Path) -> None:
         raise failures[0]
 
 
-def attack(only: list[str] | None) -> dict[str, Any]:
+def attack(only: list[str] | None, rounds: int) -> dict[str, Any]:
     """Every defence (or ``only`` those, keeping the other runs on record), each in a fresh process."""
-    saved = RESULTS / "faults-attack.json"
-    out: dict[str, Any] = {"settings": ATTACK, "factor_on_update": FACTOR ** 2, "runs": {},
-                           "machine": machine()}
+    saved = attack_file(rounds)
+    out: dict[str, Any] = {"settings": {**ATTACK, "rounds": rounds}, "factor_on_update": FACTOR ** 2,
+                           "runs": {}, "machine": machine()}
     if only and saved.exists():
         out["runs"] = json.loads(saved.read_text())["runs"]
     for name in only or DEFENCES:
         run_dir = Path(tempfile.mkdtemp(prefix="attack-")) / "run"
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--one", name, str(run_dir)], check=True,
+        subprocess.run([sys.executable, __file__, "--one", name, str(run_dir), str(rounds)], check=True,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
         events, summary = read_events(run_dir), read_summary(run_dir)
         out["runs"][name] = {
@@ -174,7 +180,7 @@ def attack(only: list[str] | None) -> dict[str, Any]:
 def write_doc() -> None:
     """docs/benchmarks-faults.md from every results file present."""
     parts = ["# Faults and attacks (benchmarks/faults.py)", ""]
-    soak_file, attack_file = RESULTS / "faults-soak.json", RESULTS / "faults-attack.json"
+    soak_file = RESULTS / "faults-soak.json"
     if soak_file.exists():
         s = json.loads(soak_file.read_text())
         peaks = {int(k): v for k, v in s["peaks"].items()}
@@ -190,17 +196,18 @@ def write_doc() -> None:
                   f"Growth of the peak from round 10 to round 50: server {g['server']:+.1%}, process tree "
                   f"{g['tree']:+.1%}; goal below +10%: {mark(max(g.values()) < 0.10)}.", "",
                   f"Machine: {s['machine']}.", ""]
-    if attack_file.exists():
-        a = json.loads(attack_file.read_text())
+    for path in sorted(RESULTS.glob("faults-attack*.json"), key=lambda p: len(p.name)):
+        a = json.loads(path.read_text())
         clean = a["runs"]["no attacker"]["accuracy"]
         rows = [[name, f"{r['accuracy']:.3f}", f"{(r['accuracy'] - clean) * 100:+.1f}",
                  "-" if name == "no attacker" else mark(abs(r["accuracy"] - clean) <= 0.02),
                  f"{r['loss']:.3f}", ", ".join(f"{k} {v}" for k, v in r["rejected"].items()) or "0",
                  r["clipped"], " ".join(map(str, r["accepted_per_round"]))]
                 for name, r in a["runs"].items()]
-        parts += ["## One attacker of ten: its update 100x", "",
-                  "MiniLM-L6 on Rotten Tomatoes, 10 Dirichlet(0.5) clients, 4 rounds, FedIT rank 8, 500 "
-                  "held-out examples, seed 0. Partition 0 multiplies both LoRA factors of every reply by "
+        rounds = a["settings"]["rounds"]
+        parts += [f"## One attacker of ten: its update 100x, {rounds} rounds", "",
+                  f"MiniLM-L6 on Rotten Tomatoes, 10 Dirichlet(0.5) clients, {rounds} rounds, FedIT rank 8, "
+                  "500 held-out examples, seed 0. Partition 0 multiplies both LoRA factors of every reply by "
                   f"{a['factor_on_update'] ** 0.5:.0f} (B·A by {a['factor_on_update']:.0f}).", "",
                   table(["run", "accuracy", "points vs no attacker", "within 2 points (goal)", "eval loss",
                          "rejected", "clipped", "accepted per round"], rows), "",
@@ -212,15 +219,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", choices=["soak", "attack", "docs"], default="docs")
     parser.add_argument("--only", nargs="+", choices=sorted(DEFENCES), help="attack: rerun only these")
-    parser.add_argument("--one", nargs=2, metavar=("RUN", "RUN_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=ATTACK["rounds"], help="attack: rounds per run")
+    parser.add_argument("--one", nargs=3, metavar=("RUN", "RUN_DIR", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        attack_run(args.one[0], Path(args.one[1]))
+        attack_run(args.one[0], Path(args.one[1]), int(args.one[2]))
         return
     if args.what != "docs":
-        result = soak() if args.what == "soak" else attack(args.only)
+        result = soak() if args.what == "soak" else attack(args.only, args.rounds)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"faults-{args.what}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        path = RESULTS / "faults-soak.json" if args.what == "soak" else attack_file(args.rounds)
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     write_doc()
     print(DOC.read_text())
 
