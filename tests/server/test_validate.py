@@ -268,3 +268,27 @@ def test_ffa_update_size_takes_the_frozen_a_every_node_shares() -> None:
     dense = sum(float((scale * (b.double() @ frozen[k.replace(".lora_B.", ".lora_A.")].double()))
                       .pow(2).sum()) for k, b in upload.items() if ".lora_B." in k)
     assert strategy.method.update_size(server, upload) == pytest.approx(dense**0.5, rel=1e-9)
+
+
+def test_lora_clipping_keeps_the_factors_balanced_and_counts_a_head() -> None:
+    cfg = RunConfig.from_run_config({"model": "tiny-bert", "task": "classification", "num-clients": 2,
+                                     "lora.rank": 4, "eval-examples": 8})
+    method = methods.build("lora", cfg)
+    server = method.server()
+    now = server.upload()
+    heads = [k for k in now if ".lora_" not in k]
+    assert heads  # the classifier travels beside the factors
+    gen = torch.Generator().manual_seed(1)
+    upload = {k: v + torch.randn(v.shape, generator=gen) for k, v in now.items()}
+    factors_only = {k: v for k, v in upload.items() if ".lora_" in k}
+    head_change = sum(float((upload[k] - now[k]).double().pow(2).sum()) for k in heads)
+    size = method.update_size(server, upload)  # the head's change counts in the same sum of squares
+    assert size**2 == pytest.approx(method.update_size(server, factors_only) ** 2 + head_change, rel=1e-6)
+
+    clipped = method.scale_update(server, upload, 0.25)
+    for k, v in upload.items():
+        if ".lora_" in k:  # √0.25 on A and on B: B·A by 0.25, neither factor outsized for FedIT's means
+            assert torch.allclose(clipped[k], 0.5 * v)
+        else:
+            assert torch.allclose(clipped[k] - now[k], 0.25 * (v - now[k]), atol=1e-6)
+    assert method.update_size(server, clipped) == pytest.approx(0.25 * size, rel=1e-5)

@@ -6,6 +6,7 @@ that the rule's strategy hands to :class:`LoraMethod`; the trainee is the same f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,17 +199,29 @@ class LoraMethod:
 
     def update_size(self, server: LoraTrainee, upload: Mapping[str, torch.Tensor]) -> float:
         """‖(α/r)·B·A‖ over every adapted layer, from r×r Gram matrices: ‖BA‖² = tr((BᵀB)(AAᵀ)), so B·c
-        with A/c counts the same. A frozen A (FFA) is the server's, which every node draws alike."""
-        state = dict(upload)
+        with A/c counts the same; with a head's change from the server's (a classification head travels
+        too) in the same sum of squares. A frozen A (FFA) is the server's, which every node draws alike."""
+        state = {k: v for k, v in upload.items() if _is_factor(k)}
         if not any(".lora_A." in k for k in upload):  # only FFA's uploads lack A
             state.update({k.replace(".default.", "."): v for k, v in server.model.state_dict().items()
                           if ".lora_A." in k})
-        return LoraFactors.from_state(state, self.cfg.lora.alpha).norm()
+        squares = LoraFactors.from_state(state, self.cfg.lora.alpha).norm() ** 2
+        heads = [k for k in upload if not _is_factor(k)]
+        if heads:
+            now = server.upload()
+            squares += sum(float((upload[k].double() - now[k].double()).pow(2).sum()) for k in heads)
+        return math.sqrt(squares)
 
     def scale_update(self, server: LoraTrainee, upload: Mapping[str, torch.Tensor],
                      factor: float) -> dict[str, torch.Tensor]:
-        """B scaled (B·A scales with it); A and a head as they are."""
-        return {k: v * factor if ".lora_B." in k else v for k, v in upload.items()}
+        """B·A scaled by ``factor``: A and B by √factor each, so that rules averaging the factors apart
+        (FedIT) see neither outsized (B alone under FFA, whose A is frozen); a head's change from the
+        server's scaled by ``factor``."""
+        on_a = math.sqrt(factor) if any(".lora_A." in k for k in upload) else 1.0
+        on = {"A": on_a, "B": factor / on_a}
+        now = server.upload() if any(not _is_factor(k) for k in upload) else {}
+        return {k: v * on["A" if ".lora_A." in k else "B"] if _is_factor(k)
+                else now[k] + factor * (v - now[k]) for k, v in upload.items()}
 
     def upload_schema(self, server: LoraTrainee, plan: Mapping[str, int]) -> Schema:
         """The server adapter's trainable keys with A (r×n) and B (m×r) at the client's reported rank,
@@ -225,3 +238,9 @@ class LoraMethod:
 
         reference = server.upload()
         return Schema({k: TensorSpec("float32", at_rank(k, tuple(v.shape))) for k, v in reference.items()})
+
+
+def _is_factor(key: str) -> bool:
+    """A LoRA factor's key (an upload's other keys are a classification head's)."""
+    return ".lora_A." in key or ".lora_B." in key
+
