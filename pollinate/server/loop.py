@@ -357,14 +357,14 @@ class Federation:
         saved = manifest["resume"]
         files = {int(p.stem.split("-")[1]): p for f in self.run_dir.round_folders()
                  for p in f.glob(HISTORY_FILE.replace("{:04d}", "*"))}
-        history = []
-        for version in range(1, int(manifest["base_version"]) + 1):
-            if version not in files:
-                raise CheckpointError(f"cannot resume from {folder}: update {version} of the history is in "
-                                      "no checkpoint")
-            if (reason := unverified(files[version].parent)) is not None:
+        versions = range(1, int(manifest["base_version"]) + 1)
+        if missing := [v for v in versions if v not in files]:
+            raise CheckpointError(f"cannot resume from {folder}: update {missing[0]} of the history is in "
+                                  "no checkpoint")
+        for holder in sorted({files[v].parent for v in versions} - {folder}):  # recover() verified folder
+            if (reason := unverified(holder)) is not None:
                 raise CheckpointError(f"cannot resume from {folder}: {reason}")
-            history.append(self.strategy.method.update_type.from_flat(load_file(files[version])))
+        history = [self.strategy.method.update_type.from_flat(load_file(files[v])) for v in versions]
         extra = load_file(folder / RESUME_FILE)
         self.strategy.restore(history, {int(n): int(v) for n, v in saved["node_versions"].items()},
                               {k.removeprefix("strategy."): v for k, v in extra.items()
