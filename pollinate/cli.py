@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
     from pollinate.client import plan_cli
     from pollinate.edge import cli as edge_cli
+    from pollinate.privacy import cli as dp_cli
 
     plan_cli.register(commands)
+    dp_cli.register(commands)
     edge_cli.register(commands)
     return parser
 

@@ -26,10 +26,13 @@ from pollinate.config import RunConfig
 from pollinate.data import CLASSIFICATION, encode_dataset
 from pollinate.methods.base import Example
 from pollinate.methods.plan import Estimate, Plan
+from pollinate.privacy.mechanism import privacy_for
 from pollinate.strategies import method_for
 from pollinate.training import evaluate
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from pollinate.methods.base import Method, Trainee
 
 app = ClientApp()
@@ -132,6 +135,8 @@ class _Ready:
     estimate: Estimate
     trainee: Trainee
     examples: list[Example]
+    received: dict[str, Tensor]
+    """The global state the instruction carried (empty when it carried none)."""
 
 
 def _prepare(msg: Message, context: Context) -> _Ready | Message:
@@ -155,13 +160,15 @@ def _prepare(msg: Message, context: Context) -> _Ready | Message:
         trainee = STATE.trainee(trainee_key, lambda: method.client(plan), budgeted)
         sync_updates(trainee, method, msg)
     seed = workload.round_seed(cfg, int(record[protocol.ROUND]), profile.partition_id)  # type: ignore[arg-type]
-    if protocol.ARRAYS in msg.content.array_records:
-        trainee.load(protocol.from_record(protocol.arrays_of(msg)), seed=seed)
+    has_state = protocol.ARRAYS in msg.content.array_records
+    received = protocol.from_record(protocol.arrays_of(msg)) if has_state else {}
+    if has_state:
+        trainee.load(received, seed=seed)
     reserved = method.calibration_size()
     key = ShareKey(cfg, profile.partition_id, plan.seq_len, reserved)
     examples = STATE.share(key, lambda: encode_dataset(workload.shares(cfg, reserved)[profile.partition_id],
                                                        trainee.tokenizer, cfg.task, plan.seq_len), budgeted)
-    return _Ready(cfg, seed, profile, method, plan, estimate, trainee, examples)
+    return _Ready(cfg, seed, profile, method, plan, estimate, trainee, examples, received)
 
 
 def _refuse(msg: Message, reason: str) -> Message:
@@ -207,7 +214,8 @@ def train(msg: Message, context: Context) -> Message:
         protocol.RUNTIME_BASELINE: baseline,
         protocol.BASE_VERSION: trainee.version,
         protocol.BASE_FINGERPRINT: trainee.fingerprint(),
-    }, protocol.to_record(trainee.upload()))
+    }, protocol.to_record(privacy_for(ready.cfg.dp).protect(trainee.upload(), ready.received,
+                                                             ready.method)))
 
 
 @app.evaluate()

@@ -285,6 +285,11 @@ class Method(Protocol):
         """The upload whose change is ``factor`` times this one's (:meth:`update_size` scales by it)."""
         ...
 
+    def dp_view(self, upload: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The upload as float tensors of fixed shapes whose mean the strategy takes (what differential
+        privacy clips and noises); itself a valid upload."""
+        ...
+
     def upload_schema(self, server: Any, plan: Mapping[str, int]) -> Schema:  # its own server trainee
         """What a client that trained at ``plan`` (the fields its reply reports) may upload.
 

@@ -15,6 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from pollinate.config import GENERATION, RunConfig
+from pollinate.privacy.accountant import check_target
 from pollinate.server.global_model import GlobalModel
 from pollinate.server.loop import run_federation, same_run
 from pollinate.server.progress import RoundProgress
@@ -31,6 +32,7 @@ def prepare(cfg: RunConfig) -> GlobalModel:
     """Check everything a run needs before any client trains; returns the global model."""
     if cfg.resume:
         same_run(Path(cfg.run_dir), cfg)
+    check_target(cfg.dp, cfg.num_clients, cfg.per_round)
     return GlobalModel(cfg, build_strategy(cfg).method)
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from pollinate import protocol, workload
 from pollinate.config import RunConfig
 from pollinate.files import UPDATES_FILE
+from pollinate.privacy.accountant import Accountant
 from pollinate.protocol import ClientReport
 from pollinate.server.global_model import GlobalModel
 from pollinate.server.progress import RoundProgress
@@ -61,6 +62,8 @@ class Totals:
     train_seconds: float = 0.0
     """Clients' own training time, summed (the s/step a user compares between machines)."""
     train_steps: int = 0
+    dp_rounds: int = 0
+    """Rounds whose updates differential privacy clipped and noised (the accountant's state)."""
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
@@ -152,6 +155,23 @@ class Federation:
         self.max_examples = cfg.max_examples or max(
             len(share) for share in workload.shares(cfg, self.strategy.method.calibration_size()))
         """The most examples a reply may claim: ``max-examples``, or the largest share of the run."""
+        self.accountant = Accountant(cfg.dp, cfg.num_clients, cfg.per_round) if cfg.dp.on else None
+
+    @property
+    def epsilon(self) -> float | None:
+        """ε spent so far (None without differential privacy)."""
+        return self.accountant.epsilon(self.totals.dp_rounds) if self.accountant is not None else None
+
+    def budget_spent(self) -> str | None:
+        """Why the next round must not run (it would take ε above ``dp.target-epsilon``), or None."""
+        target = self.cfg.dp.target_epsilon
+        if self.accountant is None or not target:
+            return None
+        after = self.accountant.epsilon(self.totals.dp_rounds + 1)
+        if after <= target:
+            return None
+        return (f"dp.target-epsilon {target:g} reached: one more round would spend ε = {after:.3f} "
+                f"(δ = {self.accountant.delta:.3g}); ε so far {self.epsilon:.3f}")
 
     @property
     def method(self) -> str:
@@ -272,6 +292,8 @@ class Federation:
         sampled = len(sent)
         partitions = sorted(self.strategy.partitions[n] for n in sent if n in self.strategy.partitions)
         kept, accepted, rejected = self.screen(server_round, replies, sent, addressed)
+        if self.accountant is not None:  # the clients' uploads (local) or their noised sum (central)
+            self.totals.dp_rounds += 1
         refusal = None if len(kept) >= self.cfg.quorum else (
             f"quorum not reached: {len(kept)} accepted, {self.cfg.quorum} needed")
         try:
@@ -289,7 +311,8 @@ class Federation:
             "round_seconds": time.perf_counter() - start,
             "client_train_seconds": sum(e["train_seconds"] for e in accepted),
             "committed": refusal is None, **({"not_committed": refusal} if refusal else {}),
-            **({"sampled_partitions": partitions} if partitions else {})})
+            **({"sampled_partitions": partitions} if partitions else {}),
+            **self.privacy_fields()})
         if refusal is not None:  # nothing changes: no merge, no evaluation, no checkpoint
             self.progress.print(f"round {server_round}: not committed: {refusal}")
             self.totals.uncommitted += 1
@@ -302,8 +325,17 @@ class Federation:
         scores = self.evaluate(server_round)
         self.commit(server_round, state, kept, replies, rejected)
         self.progress.end_round(server_round, len(kept), sampled, train_loss, scores, up, down,
-                                time.perf_counter() - start)
+                                time.perf_counter() - start, self.epsilon)
         return arrays
+
+    def privacy_fields(self) -> dict[str, Any]:
+        """The train event's ``epsilon`` (null when infinite: no noise) and ``dp_clipped`` (central), under
+        differential privacy."""
+        epsilon = self.epsilon
+        if epsilon is None:
+            return {}
+        clipped = {"dp_clipped": self.strategy.privacy.clipped} if self.cfg.dp.mode == "central" else {}
+        return {"epsilon": epsilon if epsilon < float("inf") else None, **clipped}
 
     def commit(self, server_round: int, state: dict[str, torch.Tensor], kept: list[ClientReport],
                replies: list[Message], rejected: list[Rejection]) -> None:
@@ -412,6 +444,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         same_run(run_dir.path, cfg)
     run_dir.write_json("config.json", cfg.to_run_config())
     fed = Federation(cfg, run_dir, global_model, progress)
+    stop = None
     try:
         fed.identify(grid)
         if recovery.checkpoint is not None:
@@ -427,6 +460,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
             fed.setup(grid)
             arrays = protocol.to_record(global_model.initial_state())
         for server_round in range(recovery.round + 1, cfg.rounds + 1):
+            if (stop := fed.budget_spent()) is not None:
+                run_dir.append_event({"round": server_round, "event": "stopped", "reason": stop})
+                progress.print(f"stopped before round {server_round}: {stop}")
+                break
             arrays = fed.train_round(server_round, arrays, grid)
     finally:
         fed.strategy.teardown()
@@ -442,6 +479,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         "failed_clients": fed.totals.failed,
         "seconds_per_step": fed.totals.train_seconds / max(fed.totals.train_steps, 1),
         "wall_seconds": time.perf_counter() - start,
+        **({} if fed.accountant is None else {
+            "dp_mode": cfg.dp.mode, "epsilon": fed.privacy_fields()["epsilon"], "delta": fed.accountant.delta,
+            "dp_rounds": fed.totals.dp_rounds}),
+        **({"stopped": stop} if stop is not None else {}),
     }
     run_dir.write_json("summary.json", summary)
     write_report(run_dir)

@@ -59,10 +59,13 @@ class RoundProgress:
             self._bar.advance(self._task)
 
     def end_round(self, server_round: int, done: int, sampled: int, train_loss: float | None,
-                  scores: dict[str, float], bytes_up: int, bytes_down: int, seconds: float) -> None:
-        """The round's summary line."""
+                  scores: dict[str, float], bytes_up: int, bytes_down: int, seconds: float,
+                  epsilon: float | None = None) -> None:
+        """The round's summary line (with ε spent so far under differential privacy)."""
         loss = f"{train_loss:.3f}" if train_loss is not None else "-"
         extra = "".join(f"  {k} {v:.3f}" for k, v in scores.items() if k != "loss")
+        if epsilon is not None:
+            extra += f"  ε {epsilon:.2f}"
         self.print(f"round {server_round}/{self.rounds}  clients {done}/{sampled}  train loss {loss}  "
                    f"eval loss {scores['loss']:.3f}{extra}  up {human_bytes(bytes_up)}  "
                    f"down {human_bytes(bytes_down)}  {seconds:.1f} s")

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from pollinate import methods, protocol
 from pollinate.config import RunConfig
+from pollinate.privacy.mechanism import privacy_for
 from pollinate.protocol import ClientReport
 
 if TYPE_CHECKING:
@@ -52,9 +53,13 @@ class PollinateStrategy(FedAvg):
 
     method_name: ClassVar[str]
     """The registered method this strategy trains (``pollinate.methods``)."""
+    averages_uploads: ClassVar[bool] = False
+    """Whether :meth:`combine` is a weighted mean of what clients upload (as their method's ``dp_view``
+    reads it): only then can differential privacy noise that mean and leave the rule exact on it."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.check(cfg)
+        self.check_privacy(cfg)
         super().__init__(fraction_train=1.0, min_train_nodes=cfg.num_clients,
                          min_available_nodes=cfg.num_clients)  # nodes register lazily: wait for all
         self.cfg = cfg
@@ -67,6 +72,9 @@ class PollinateStrategy(FedAvg):
         self._records: dict[tuple[int, int], ArrayRecord] = {}  # (since, version) -> the downlink
         self.setup_rejections: list[tuple[int, str]] = []
         """(node, reason) of every setup answer :meth:`setup` left out (the loop records them)."""
+        self.privacy = privacy_for(cfg.dp)
+        self.received: dict[str, torch.Tensor] = {}
+        """The global state the round's nodes received (what a private update is measured from)."""
 
     @classmethod
     def build_method(cls, cfg: RunConfig) -> Method:
@@ -76,6 +84,14 @@ class PollinateStrategy(FedAvg):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Raise a one-line ValueError for a configuration this strategy cannot run."""
+
+    @classmethod
+    def check_privacy(cls, cfg: RunConfig) -> None:
+        """Raise the one-line error for differential privacy on a rule that does not average uploads."""
+        if cfg.dp.on and not cls.averages_uploads:
+            allowed = ", ".join(sorted(n for n, s in _registered().items() if s.averages_uploads))
+            raise ValueError(f"dp.mode: {cfg.dp.mode!r} is not allowed with strategy {cfg.strategy!r}; "
+                             f"allowed with {allowed} (rules that average what clients upload)")
 
     @property
     def version(self) -> int:
@@ -154,6 +170,8 @@ class PollinateStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Wait for every node, sample ``clients-per-round`` of them, then one message per sampled node
         carrying the updates it still needs."""
+        if self.cfg.dp.on:
+            self.received = protocol.from_record(arrays)
         return [self.node_message(node, arrays, config, self.node_versions.get(node, 0))
                 for node in self.sample(server_round, self.nodes(server_round, grid))]
 
@@ -182,10 +200,11 @@ class PollinateStrategy(FedAvg):
     # -- uplink -----------------------------------------------------------------------------------
 
     def aggregate(self, reports: Sequence[ClientReport]) -> tuple[Aggregate, MetricRecord] | None:
-        """Combine accepted reports; remember each node's version; append the round's update."""
+        """Combine accepted reports (as the run's privacy releases them); remember each node's version;
+        append the round's update."""
         if not reports:
             return None
-        result = self.combine(reports)
+        result = self.combine(self.privacy.release(reports, self.received, self.method))
         if (reason := nonfinite(result)) is not None:
             raise NotCommitted(reason)
         for r in reports:  # the version each node's process now holds
@@ -203,6 +222,12 @@ class PollinateStrategy(FedAvg):
         if done is None:
             return None, None
         return protocol.to_record(done[0].state), done[1]
+
+
+def _registered() -> dict[str, type[PollinateStrategy]]:
+    from pollinate.strategies import STRATEGIES  # the registry imports every strategy module
+
+    return STRATEGIES
 
 
 def nonfinite(result: Aggregate) -> str | None:

@@ -17,6 +17,8 @@ from pollinate.strategies.lora import LoraStrategy
 class FedIt(LoraStrategy):
     """Weighted FedAvg of every trainable tensor, factors included (inexact)."""
 
+    averages_uploads = True
+
     exact = False
 
     def combine_factors(self, clients: Sequence[LoraFactors], weights: Sequence[float]) -> Aggregate:

@@ -40,6 +40,8 @@ HISTORY_CLIP = 1000.0
 class FedKSeed(PollinateStrategy):
     """Per-seed sums of g, weighted by examples; seeds drawn uniformly."""
 
+    averages_uploads = True
+
     method_name = "fedkseed"
     method: FedKSeedMethod
 

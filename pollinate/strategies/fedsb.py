@@ -30,6 +30,8 @@ from pollinate.strategies.base import Aggregate, Exchange, PollinateStrategy, re
 class FedSb(PollinateStrategy):
     """Weighted mean of every R (and a trained head); A and B come from the setup."""
 
+    averages_uploads = True
+
     method_name = "lora_sb"
     method: LoraSbMethod
 

@@ -18,6 +18,8 @@ from pollinate.strategies.lora import LoraStrategy
 class FfaLora(LoraStrategy):
     """Weighted mean of B; A stays the seeded A0 everywhere."""
 
+    averages_uploads = True
+
     variant = FrozenA()
 
     def combine_factors(self, clients: Sequence[LoraFactors], weights: Sequence[float]) -> Aggregate:

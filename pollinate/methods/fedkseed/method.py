@@ -321,6 +321,12 @@ class FedKSeedMethod:
         """Every g (or per-seed sum) scaled; the seed indices as they are."""
         return {k: v if k == INDEX_KEY else v * factor for k, v in upload.items()}
 
+    def dp_view(self, upload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The K per-seed sums, whichever form the upload took (a private upload is dense: noise
+        reaches every seed)."""
+        index, grads = uploaded_entries(upload)
+        return {SUMS_KEY: per_seed(index, grads, self.cfg.fedkseed.seeds)}
+
     def upload_schema(self, server: ZerothOrderTrainee, plan: Mapping[str, int]) -> Schema:
         """Up to ``fedkseed.steps`` pairs, or K sums: the same for every plan."""
         return SeedSchema(self.cfg.fedkseed.seeds, self.cfg.fedkseed.steps)

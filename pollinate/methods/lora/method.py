@@ -223,6 +223,10 @@ class LoraMethod:
         return {k: v * on["A" if ".lora_A." in k else "B"] if _is_factor(k)
                 else now[k] + factor * (v - now[k]) for k, v in upload.items()}
 
+    def dp_view(self, upload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The upload as it is: the rules that average it (FedIT, FFA) average every tensor."""
+        return dict(upload)
+
     def upload_schema(self, server: LoraTrainee, plan: Mapping[str, int]) -> Schema:
         """The server adapter's trainable keys with A (r×n) and B (m×r) at the client's reported rank,
         which must be one this run offers some client."""

@@ -227,6 +227,10 @@ class LoraSbMethod:
         held = server.upload()
         return {k: held[k] + factor * (v - held[k]) if k.endswith(R_KEY) else v for k, v in upload.items()}
 
+    def dp_view(self, upload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The upload as it is: every R (and a head), which Fed-SB averages."""
+        return dict(upload)
+
     def upload_schema(self, server: LoraSbTrainee, plan: Mapping[str, int]) -> Schema:
         """Every R (r×r) and a trained head, as the server's trainee holds them: the same for every plan."""
         return schema_of(server.upload())
