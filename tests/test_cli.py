@@ -31,6 +31,10 @@ TINY = ["--set", "model=tiny-llama", "--set", "eval-examples=8"]
     (["--set", 'data.prompt-field="my prompt'], "--set"),  # an unclosed quote
     (["--set", "rounds=2 partitioner=random"], "partitioner"),
     (["--set", "rounds=2", "strategy=fedfoo"], "strategy"),
+    (["--set", "dp.mode=central", "dp.target-epsilon=0.1"], "dp.target-epsilon"),
+    (["--set", "dp.mode=local", "strategy=flora"], "dp.mode"),
+    (["--set", "dp.clip=0"], "dp.clip"),
+    (["--set", "dp.delta=1"], "dp.delta"),
 ])
 def test_bad_configuration(args: list[str], key: str, simulate_error: Callable[[list[str]], str]) -> None:
     line = simulate_error(TINY + args)

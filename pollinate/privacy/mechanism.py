@@ -45,11 +45,11 @@ def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
 
 
 def clip(update: Mapping[str, torch.Tensor], bound: float) -> tuple[Tensors, bool]:
-    """``update`` scaled to L2 norm ``bound`` when longer, and whether it was."""
+    """``update`` scaled to L2 norm ``bound`` when longer (in fp64), and whether it was."""
     norm = l2_norm(update)
     if norm <= bound:
         return dict(update), False
-    return {k: v * (bound / norm) for k, v in update.items()}, True
+    return {k: v.to(torch.float64) * (bound / norm) for k, v in update.items()}, True
 
 
 def gaussian(like: Mapping[str, torch.Tensor], std: float, generator: torch.Generator) -> Tensors:

@@ -98,6 +98,11 @@ def test_training_keeps_the_version_and_frozen_part(name: str, model: str, task:
     schema = method.upload_schema(method.server(), plan.fields())
     sent = protocol.from_record(protocol.to_record(trainee.upload()))
     assert schema.check(sent) is None and schema.check_values(sent) is None
+    # its differential-privacy view is a valid upload too: fixed float tensors, the same for a second read
+    view = method.dp_view(sent)
+    assert schema.check(view) is None and schema.check_values(view) is None
+    assert all(v.is_floating_point() for v in view.values())
+    assert {k: v.shape for k, v in view.items()} == {k: v.shape for k, v in method.dp_view(view).items()}
 
 
 @pytest.mark.parametrize(("name", "model", "task"), CASES)
