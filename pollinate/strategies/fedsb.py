@@ -39,6 +39,10 @@ class FedSb(PollinateStrategy):
     def check(cls, cfg: RunConfig) -> None:
         """Equal ranks only, and a rank every target layer can hold (from the model's shapes alone)."""
         refuse_client_ranks(cfg, "every client trains the same r×r matrices: set fedsb.rank instead")
+        if cfg.dp.on and cfg.fedsb.init == "federated":
+            raise ValueError("fedsb.init: 'federated' is not allowed with differential privacy: the setup's "
+                             "gradient sums would leave the clients unclipped and without noise; use "
+                             "fedsb.init = 'server'")
         smallest = min(min(t.in_features, t.out_features) for t in LoraSbMethod(cfg).dims().targets)
         if cfg.fedsb.rank > smallest:
             raise ValueError(f"fedsb.rank: {cfg.fedsb.rank} is not allowed; it must be at most {smallest}, "
