@@ -202,6 +202,7 @@ class PollinateStrategy(FedAvg):
     def aggregate(self, reports: Sequence[ClientReport]) -> tuple[Aggregate, MetricRecord] | None:
         """Combine accepted reports (as the run's privacy releases them); remember each node's version;
         append the round's update."""
+        self.privacy.clipped = 0
         if not reports:
             return None
         result = self.combine(self.privacy.release(reports, self.received, self.method))
