@@ -79,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
     from pollinate.client import plan_cli
+    from pollinate.deploy import cli as deploy_cli
     from pollinate.edge import cli as edge_cli
     from pollinate.privacy import cli as dp_cli
 
     plan_cli.register(commands)
     dp_cli.register(commands)
     edge_cli.register(commands)
+    deploy_cli.register(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Deployment: the certificates and keys of a federation (``certs``), made with ``cryptography``."""
