@@ -7,9 +7,10 @@ Results are cached per process: a simulation worker serves many clients and many
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
-from datasets import Dataset
+from datasets import ClassLabel, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pollinate import models
@@ -60,6 +61,35 @@ def shares(cfg: RunConfig, reserved: int = 0) -> list[Dataset]:
     _, pool = pools(cfg, reserved)
     return partition(pool, cfg.partitioner, cfg.num_clients, cfg.seed, cfg.dirichlet_alpha,
                      by=cfg.partition_by)
+
+
+def device_share(cfg: RunConfig, path: str, fields: dict[str, str]) -> Dataset:
+    """A device's own data file, read with the run's field names (``fields`` overriding some), as a
+    share. For classification its labels become the run's: each must be one of the run's label names,
+    or an index into them (ValueError naming the first that is neither)."""
+    try:
+        read = load_dataset(path, cfg.task, dataclasses.replace(_fields(cfg), **fields))
+    except ValueError as error:  # name the node-config keys a device sets, not the run's
+        key, _, rest = str(error).partition(": ")
+        node_key = "data-path" if key == "dataset" else key.removeprefix("data.")
+        raise ValueError(f"{node_key}: {rest}") from None
+    if cfg.task != CLASSIFICATION:
+        return read
+    names = splits(cfg)[0].features["label"].names
+    index = {n: i for i, n in enumerate(names)}
+    own = read.features["label"].names
+    mapped = []
+    for name in own:
+        if name in index:
+            mapped.append(index[name])
+        elif name.lstrip("+-").isdigit() and 0 <= int(name) < len(names):
+            mapped.append(int(name))
+        else:
+            raise ValueError(f"data-path: {path!r} has the label {name!r}, which is not one of the run's "
+                             f"labels ({', '.join(names)}) nor an index 0..{len(names) - 1} into them")
+    labels = [mapped[i] for i in read["label"]]
+    return read.remove_columns("label").add_column("label", labels).cast_column(
+        "label", ClassLabel(names=list(names)))
 
 
 def num_labels(cfg: RunConfig) -> int:

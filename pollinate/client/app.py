@@ -50,12 +50,15 @@ class TraineeKey:
 
 @dataclass(frozen=True)
 class ShareKey:
-    """A client's encoded share: per configuration, partition, sequence cap and calibration slice."""
+    """A client's encoded share: per configuration, partition (or data file), sequence cap and
+    calibration slice."""
 
     cfg: RunConfig
     partition: int
     seq_len: int
     reserved: int
+    data_path: str | None = None
+    fields: tuple[tuple[str, str], ...] = ()
 
 
 V = TypeVar("V")
@@ -144,9 +147,9 @@ def _prepare(msg: Message, context: Context) -> _Ready | Message:
     the instruction early (a refusal, or a request to catch up)."""
     record = protocol.config_of(msg)
     cfg = RunConfig.from_run_config(protocol.run_config_of(record))
-    profile = DeviceProfile.of(context.node_config, cfg)
     method = method_for(cfg)
     try:
+        profile = DeviceProfile.of(context.node_config, cfg)
         plan, estimate = plan_for(method, profile)
     except ValueError as err:
         return _refuse(msg, str(err))
@@ -159,16 +162,30 @@ def _prepare(msg: Message, context: Context) -> _Ready | Message:
         STATE.forget(trainee)  # it holds part of what the record combines: start again from the base
         trainee = STATE.trainee(trainee_key, lambda: method.client(plan), budgeted)
         sync_updates(trainee, method, msg)
-    seed = workload.round_seed(cfg, int(record[protocol.ROUND]), profile.partition_id)  # type: ignore[arg-type]
+    seed = workload.round_seed(cfg, int(record[protocol.ROUND]), profile.client(context.node_id))  # type: ignore[arg-type]
     has_state = protocol.ARRAYS in msg.content.array_records
     received = protocol.from_record(protocol.arrays_of(msg)) if has_state else {}
     if has_state:
         trainee.load(received, seed=seed)
+    try:
+        examples = _examples(cfg, profile, method, plan, trainee, budgeted)
+    except ValueError as err:  # the device's file is missing, lacks a field, or has a foreign label
+        return _refuse(msg, str(err))
+    return _Ready(cfg, seed, profile, method, plan, estimate, trainee, examples, received)
+
+
+def _examples(cfg: RunConfig, profile: DeviceProfile, method: Method, plan: Plan, trainee: Trainee,
+              budgeted: bool) -> list[Example]:
+    """This node's encoded examples: its share of the run's dataset, or its own file (never both)."""
+    if profile.data_path is not None:
+        key = ShareKey(cfg, -1, plan.seq_len, 0, profile.data_path, tuple(sorted(profile.fields.items())))
+        return STATE.share(key, lambda: encode_dataset(
+            workload.device_share(cfg, str(profile.data_path), profile.fields), trainee.tokenizer, cfg.task,
+            plan.seq_len), budgeted)
     reserved = method.calibration_size()
     key = ShareKey(cfg, profile.partition_id, plan.seq_len, reserved)
-    examples = STATE.share(key, lambda: encode_dataset(workload.shares(cfg, reserved)[profile.partition_id],
-                                                       trainee.tokenizer, cfg.task, plan.seq_len), budgeted)
-    return _Ready(cfg, seed, profile, method, plan, estimate, trainee, examples, received)
+    return STATE.share(key, lambda: encode_dataset(workload.shares(cfg, reserved)[profile.partition_id],
+                                                   trainee.tokenizer, cfg.task, plan.seq_len), budgeted)
 
 
 def _refuse(msg: Message, reason: str) -> Message:
@@ -237,7 +254,7 @@ def setup(msg: Message, context: Context) -> Message:
     federated initialisation returns the gradient sum of the share once); or the roll call that names
     this node by its share, answered without loading anything."""
     if protocol.config_of(msg).get(protocol.SETUP) == protocol.IDENTIFY:
-        return _reply(msg, {protocol.PARTITION_ID: int(context.node_config["partition-id"])})
+        return _reply(msg, {protocol.PARTITION_ID: int(context.node_config.get("partition-id", -1))})
     ready = _prepare(msg, context)
     if isinstance(ready, Message):
         return ready
