@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp_cli.register(commands)
     edge_cli.register(commands)
     deploy_cli.register(commands)
+    deploy_cli.register_run(commands)
     return parser
 
 
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pollinate: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what the command started is stopped by then (its finally blocks)
+        print("pollinate: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
