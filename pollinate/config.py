@@ -67,6 +67,10 @@ class SimulationSettings:
 
     workers: int = field(default=2, metadata=_key("workers"))
     """Clients trained at the same time, each on one CPU thread (Ray actors)."""
+    ray_address: str = field(default="", metadata=_key("ray-address"))
+    """An existing Ray cluster to run the clients on (``HOST:PORT`` of its head, as ``ray start --head``
+    prints, or ``auto``); empty: a local Ray started for the run. With a cluster, ``workers`` is ignored:
+    every CPU of the cluster takes a client."""
 
     def __post_init__(self) -> None:
         _positive("sim.workers", self.workers)

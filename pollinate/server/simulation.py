@@ -18,12 +18,17 @@ from pollinate.server.rundir import CheckpointError
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray resources: ``sim.workers`` clients at a time, one CPU thread each."""
-    workers = min(cfg.sim.workers, cfg.num_clients)
+    """Ray resources: ``sim.workers`` clients at a time, one CPU thread each; or, with
+    ``sim.ray-address``, the existing cluster there, one client per CPU it has."""
+    logs = {"logging_level": logging.ERROR, "log_to_driver": True}
+    if cfg.sim.ray_address:  # a cluster has its resources already: ray.init may not set them
+        init_args = {"address": cfg.sim.ray_address, **logs}
+    else:
+        workers = min(cfg.sim.workers, cfg.num_clients)
+        init_args = {"num_cpus": workers, "num_gpus": 0, "include_dashboard": False, **logs}
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},  # Ray sets OMP_NUM_THREADS to this
-        "init_args": {"num_cpus": workers, "num_gpus": 0, "include_dashboard": False,
-                      "logging_level": logging.ERROR, "log_to_driver": True},
+        "init_args": init_args,
     }
 
 
