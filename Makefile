@@ -38,6 +38,7 @@ bench: setup  # one after the other: timings on 2 cores are only fair on a quiet
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/edge_bench.py
 	$(BIN)/python benchmarks/validation.py
+	$(BIN)/python benchmarks/dp.py --cost  # the DP sweep itself: benchmarks/dp.py --seeds 0 1 2 (hours)
 	$(BIN)/python benchmarks/faults.py soak
 	$(BIN)/python benchmarks/faults.py attack
 

@@ -16,7 +16,7 @@ examples) at each strategy's learning rate from that benchmark's sweep (fedsb 0.
     python benchmarks/dp.py --cost          # on a quiet machine
     python benchmarks/dp.py --docs-only
 
-Finished runs are kept in ``benchmarks/results/dp.json`` (an interrupted run resumes);
+Finished runs are kept in ``docs/benchmarks-dp-runs.json`` (an interrupted or later sweep adds to them);
 docs/benchmarks-dp.md is rebuilt from it.
 """
 
@@ -30,11 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, RESULTS, events_of, machine, read_events, run_simulate, table
+from common import REPO, events_of, machine, read_events, run_simulate, table
 from fedsb import SETTINGS
 
 DOC = REPO / "docs" / "benchmarks-dp.md"
-PATH = RESULTS / "dp.json"
+PATH = REPO / "docs" / "benchmarks-dp-runs.json"
+"""Every finished run's figures (no run folders): kept in git beside the page, so that a later session
+adds seeds to these instead of running them all again (each run takes minutes on 2 cores)."""
 BASE = dict(SETTINGS["minilm"])
 STRATEGIES: dict[str, dict[str, Any]] = {
     "fedsb": {"strategy": "fedsb", "fedsb.rank": 16, "fedsb.lr": 0.02},
@@ -94,7 +96,6 @@ def load() -> dict[str, Any]:
 
 
 def save(out: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     PATH.write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
@@ -232,6 +233,14 @@ def write_doc() -> None:
                   "median):", "",
                   table(["strategy", "numbers per upload", "rule ms", "release + rule ms", "ratio",
                          "extra time / median DP round"], crow), ""]
+    per_run = [[r["strategy"], "none" if r["epsilon_goal"] is None else f"{r['epsilon_goal']:g}", r["seed"],
+                f"{r['accuracy'][-1]:.3f}", f"{r['eval'][-1]:.3f}",
+                "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
+                " ".join("-" if c is None else str(c) for c in r["clipped"]), f"{r['wall_seconds']:.0f}"]
+               for r in runs]
+    lines += ["Every run (raw figures in benchmarks-dp-runs.json):", "",
+              table(["strategy", "ε goal", "seed", "accuracy", "eval loss", "ε spent", "clipped per round",
+                     "wall s"], per_run), ""]
     lines += [f"Machine: {out.get('machine') or machine()}.", ""]
     DOC.write_text("\n".join(lines))
 
