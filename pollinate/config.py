@@ -96,6 +96,9 @@ class RunConfig:
     strategy: str = field(default="fedit", metadata=_key("strategy"))
     eval_examples: int = field(default=24, metadata=_key("eval-examples"))
     """Size of the held-out split that no client sees; the server evaluates on it."""
+    eval_dataset: str = field(default="", metadata=_key("eval-dataset"))
+    """The server's own held-out .jsonl/.csv file (or a built-in dataset), evaluated whole every round;
+    empty: ``eval-examples`` drawn from ``dataset``. In a deployment the devices' data never reaches it."""
     clients_per_round: int = field(default=0, metadata=_key("clients-per-round"))
     """Nodes sampled each round, drawn from the run's seed and the round; 0: every node."""
     min_accepted: float = field(default=1.0, metadata=_key("min-accepted"))

@@ -29,11 +29,23 @@ def _fields(cfg: RunConfig) -> Fields:
 def splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     """(training pool, the split the server evaluates on); neither split reaches a client.
 
+    The evaluated split is ``eval-examples`` drawn from the dataset, or every row of ``eval-dataset``
+    (the server's own file, its labels mapped onto the dataset's).
+
     With ``eval-split = "validation"`` the evaluated split is a slice of ``eval-examples`` drawn from
     what would be the training pool, so the held-out split stays unseen while settings are tuned.
     """
     ds = load_dataset(cfg.dataset_name, cfg.task, _fields(cfg))
-    train, heldout = split_heldout(ds, cfg.eval_examples, cfg.seed)
+    if cfg.eval_dataset:  # the server's own held-out file: the whole dataset is the training pool
+        train = ds
+        try:
+            heldout = load_dataset(cfg.eval_dataset, cfg.task, _fields(cfg))
+        except ValueError as error:
+            raise ValueError(f"eval-dataset: {str(error).partition(': ')[2]}") from None
+        if cfg.task == CLASSIFICATION:
+            heldout = with_labels(heldout, ds.features["label"].names, "eval-dataset", cfg.eval_dataset)
+    else:
+        train, heldout = split_heldout(ds, cfg.eval_examples, cfg.seed)
     if cfg.eval_split == "validation":
         return split_heldout(train, cfg.eval_examples, cfg.seed + 2)  # its own draw, as the calibration's
     return train, heldout
@@ -75,17 +87,21 @@ def device_share(cfg: RunConfig, path: str, fields: dict[str, str]) -> Dataset:
         raise ValueError(f"{node_key}: {rest}") from None
     if cfg.task != CLASSIFICATION:
         return read
-    names = splits(cfg)[0].features["label"].names
+    return with_labels(read, splits(cfg)[0].features["label"].names, "data-path", path)
+
+
+def with_labels(read: Dataset, names: list[str], key: str, path: str) -> Dataset:
+    """A classification file's rows with the run's labels: each of its labels must be one of ``names``
+    or an index into them (ValueError naming ``key`` and the first that is neither)."""
     index = {n: i for i, n in enumerate(names)}
-    own = read.features["label"].names
     mapped = []
-    for name in own:
+    for name in read.features["label"].names:
         if name in index:
             mapped.append(index[name])
         elif name.lstrip("+-").isdigit() and 0 <= int(name) < len(names):
             mapped.append(int(name))
         else:
-            raise ValueError(f"data-path: {path!r} has the label {name!r}, which is not one of the run's "
+            raise ValueError(f"{key}: {path!r} has the label {name!r}, which is not one of the run's "
                              f"labels ({', '.join(names)}) nor an index 0..{len(names) - 1} into them")
     labels = [mapped[i] for i in read["label"]]
     return read.remove_columns("label").add_column("label", labels).cast_column(

@@ -35,6 +35,7 @@ TINY = ["--set", "model=tiny-llama", "--set", "eval-examples=8"]
     (["--set", "dp.mode=local", "strategy=flora"], "dp.mode"),
     (["--set", "dp.clip=0"], "dp.clip"),
     (["--set", "dp.delta=1"], "dp.delta"),
+    (["--set", "eval-dataset=/nowhere/heldout.jsonl"], "eval-dataset"),
     (["--set", "dp.mode=central", "strategy=fedsb", "fedsb.init=federated"], "fedsb.init"),
 ])
 def test_bad_configuration(args: list[str], key: str, simulate_error: Callable[[list[str]], str]) -> None:

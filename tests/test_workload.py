@@ -1,5 +1,7 @@
 """What a run trains and evaluates on: the held-out split, the validation slice, the shares."""
 
+from pathlib import Path
+
 import pytest
 
 from pollinate import workload
@@ -27,3 +29,25 @@ def test_an_unknown_eval_split_is_one_line() -> None:
     message = r"^eval-split: 'test' is not allowed; allowed: held-out, validation$"
     with pytest.raises(ValueError, match=message):
         RunConfig.from_run_config({"eval-split": "test"})
+
+
+def test_eval_dataset_is_the_servers_own_file(tmp_path: Path) -> None:
+    """``eval-dataset``: the server evaluates every row of its own file; the dataset is all training."""
+    from pollinate.data import load_dataset
+
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(5)))
+    cfg = RunConfig.from_run_config({"model": "tiny-llama", "eval-dataset": str(data)})
+    train, heldout = workload.splits(cfg)
+    assert heldout["prompt"] == [f"q{i}" for i in range(5)]
+    assert len(train) == len(load_dataset(cfg.dataset_name, cfg.task))
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("text,label\nlovely,positive\ndull,0\n")
+    bert = {"model": "tiny-bert", "task": "classification", "eval-dataset": str(reviews)}
+    cls = RunConfig.from_run_config(bert)
+    _, heldout = workload.splits(cls)
+    assert heldout.features["label"].names == ["negative", "positive"] and heldout["label"] == [1, 0]
+    reviews.write_text("text,label\nmeh,neutral\n")
+    odd = RunConfig.from_run_config({**bert, "seed": 1})  # another configuration: not the cached split
+    with pytest.raises(ValueError, match=r"^eval-dataset: .* has the label 'neutral'"):
+        workload.splits(odd)
