@@ -238,7 +238,8 @@ def write_doc() -> None:
                 "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
                 " ".join("-" if c is None else str(c) for c in r["clipped"]), f"{r['wall_seconds']:.0f}"]
                for r in runs]
-    lines += ["Every run (raw figures in benchmarks-dp-runs.json):", "",
+    lines += ["Every run (raw figures in benchmarks-dp-runs.json; wall times include runs that shared the "
+              "machine with test suites, so they are not speed figures):", "",
               table(["strategy", "ε goal", "seed", "accuracy", "eval loss", "ε spent", "clipped per round",
                      "wall s"], per_run), ""]
     lines += [f"Machine: {out.get('machine') or machine()}.", ""]
