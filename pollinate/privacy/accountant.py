@@ -32,10 +32,6 @@ class Accountant:
         self.delta = settings.delta_for(num_clients)
         self.sampling_rate = per_round / num_clients if settings.mode == "central" else 1.0
 
-    def event(self) -> Any:
-        """One round as a dp-accounting event."""
-        return round_event(self.settings.mode, self.settings.noise_multiplier, self.sampling_rate)
-
     def epsilon(self, rounds: int) -> float:
         """ε after ``rounds`` rounds (0 before any; infinite without noise)."""
         return _epsilon(self.settings.mode, self.settings.noise_multiplier, self.sampling_rate,

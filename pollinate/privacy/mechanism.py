@@ -115,11 +115,6 @@ class CentralDp(NoPrivacy):
         released = rebuild(received, mean, views[0])
         return [dataclasses.replace(reports[0], examples=1, upload=released)]
 
-    def protect(self, upload: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor],
-                method: Method) -> Tensors:
-        """The upload unchanged (the server privatises)."""
-        return dict(upload)
-
 
 @dataclasses.dataclass
 class LocalDp(NoPrivacy):

@@ -6,7 +6,6 @@ is stopped by PID (reliability.md, scenario 14)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pollinate.deploy.agent import free_port
 from pollinate.deploy.certs import init
 
 pytestmark = pytest.mark.slow
 
 POLLINATE = str(Path(sys.executable).parent / "pollinate")
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def tree(pid: int) -> set[int]:

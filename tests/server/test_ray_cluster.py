@@ -15,6 +15,7 @@ import pytest
 
 from pollinate.cli import main
 from pollinate.config import RunConfig
+from pollinate.deploy.agent import free_port
 from pollinate.server.simulation import backend_config
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -27,11 +28,6 @@ def test_backend_config_joins_a_cluster_without_claiming_its_resources() -> None
     assert joined["init_args"]["address"] == "10.0.0.1:6379"
     assert not {"num_cpus", "num_gpus", "include_dashboard"} & set(joined["init_args"])
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.slow
