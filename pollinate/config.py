@@ -28,7 +28,7 @@ from pollinate.methods.settings import positive as _positive
 from pollinate.privacy.settings import DpSettings
 
 Scalar = bool | int | float | str
-EVAL_SPLITS = ("held-out", "validation")
+EVAL_SPLITS = ("held-out", "validation", "clients")
 ROBUST = ("none", "clip")  # the keys of pollinate.server.validate.BOUND_POLICIES
 
 @dataclass(frozen=True)
@@ -116,8 +116,13 @@ class RunConfig:
     """The most examples a client's reply may claim as its weight (a reply above it is rejected); 0: the
     largest share of the run's own partition. Set it where nodes train on data of their own."""
     eval_split: str = field(default="held-out", metadata=_key("eval-split"))
-    """What the server evaluates on: the ``held-out`` split, or a ``validation`` slice of the same size
-    drawn from the training pool (no client holds it either) for tuning without touching the held-out one."""
+    """What the global model is evaluated on: the server's ``held-out`` split; a ``validation`` slice of the
+    same size drawn from the training pool (no client holds it either) for tuning without touching the
+    held-out one; or ``clients``: each node evaluates on a held-out slice of its own data (``eval-fraction``
+    of it, never trained on) and the server reports the mean weighted by examples (a deployment whose
+    server has no data of the devices' kind)."""
+    eval_fraction: float = field(default=0.2, metadata=_key("eval-fraction"))
+    """With ``eval-split = "clients"``: the share of each node's data it holds back to evaluate on."""
     save_updates: bool = field(default=False, metadata=_key("save-updates"))
     """Keep every accepted client update in the round's checkpoint (audits, exactness tests)."""
     run_dir: str = field(default="", metadata=_key("run-dir"))
@@ -138,6 +143,11 @@ class RunConfig:
             raise _fail("task", self.task, f"allowed: {', '.join(TASKS)}")
         if self.eval_split not in EVAL_SPLITS:
             raise _fail("eval-split", self.eval_split, f"allowed: {', '.join(EVAL_SPLITS)}")
+        if not 0 < self.eval_fraction < 1:
+            raise _fail("eval-fraction", self.eval_fraction, "give a fraction in (0, 1)")
+        if self.eval_split == "clients" and self.eval_dataset:
+            raise _fail("eval-dataset", self.eval_dataset, 'with eval-split = "clients" the nodes evaluate '
+                        "on their own data: leave it empty, or choose another eval-split")
         if self.partitioner not in PARTITIONERS:
             raise _fail("partitioner", self.partitioner, f"allowed: {', '.join(PARTITIONERS)}")
         for key in ("dirichlet-alpha", "num-clients", "rounds", "local-steps", "batch-size",

@@ -75,6 +75,22 @@ def shares(cfg: RunConfig, reserved: int = 0) -> list[Dataset]:
                      by=cfg.partition_by)
 
 
+def client_split(cfg: RunConfig, share: Dataset) -> tuple[Dataset, Dataset]:
+    """(what a node trains on, what it evaluates on) of its share or its own file.
+
+    With ``eval-split = "clients"`` the node holds back ``eval-fraction`` of its data (at least one
+    example, drawn with the run's seed) and never trains on it; otherwise it trains on all of it and
+    evaluates on all of it (federated evaluation is then only a diagnostic of the training data).
+    """
+    if cfg.eval_split != "clients":
+        return share, share
+    if len(share) < 2:
+        raise ValueError(f"eval-split: 'clients' needs at least 2 examples on every node (one to train on, "
+                         f"one to evaluate on); this node has {len(share)}")
+    held = min(max(1, round(cfg.eval_fraction * len(share))), len(share) - 1)
+    return split_heldout(share, held, cfg.seed + 3)  # its own draw, as the validation slice's
+
+
 def device_share(cfg: RunConfig, path: str, fields: dict[str, str]) -> Dataset:
     """A device's own data file, read with the run's field names (``fields`` overriding some), as a
     share. For classification its labels become the run's: each must be one of the run's label names,

@@ -26,7 +26,7 @@ def test_the_validation_slice_is_held_by_no_client_and_is_not_the_held_out_split
 
 
 def test_an_unknown_eval_split_is_one_line() -> None:
-    message = r"^eval-split: 'test' is not allowed; allowed: held-out, validation$"
+    message = r"^eval-split: 'test' is not allowed; allowed: held-out, validation, clients$"
     with pytest.raises(ValueError, match=message):
         RunConfig.from_run_config({"eval-split": "test"})
 

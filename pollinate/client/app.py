@@ -59,6 +59,8 @@ class ShareKey:
     reserved: int
     data_path: str | None = None
     fields: tuple[tuple[str, str], ...] = ()
+    held_out: bool = False
+    """The slice the node evaluates on (``workload.client_split``), not the one it trains on."""
 
 
 V = TypeVar("V")
@@ -142,9 +144,10 @@ class _Ready:
     """The global state the instruction carried (empty when it carried none)."""
 
 
-def _prepare(msg: Message, context: Context) -> _Ready | Message:
+def _prepare(msg: Message, context: Context, held_out: bool = False) -> _Ready | Message:
     """Plan within the budget, merge missing updates, load the received state; or the reply that ends
-    the instruction early (a refusal, or a request to catch up)."""
+    the instruction early (a refusal, or a request to catch up). ``held_out``: the examples are the
+    node's evaluation slice rather than its training data."""
     record = protocol.config_of(msg)
     cfg = RunConfig.from_run_config(protocol.run_config_of(record))
     method = method_for(cfg)
@@ -168,24 +171,29 @@ def _prepare(msg: Message, context: Context) -> _Ready | Message:
     if has_state:
         trainee.load(received, seed=seed)
     try:
-        examples = _examples(cfg, profile, method, plan, trainee, budgeted)
+        examples = _examples(cfg, profile, method, plan, trainee, budgeted, held_out)
     except ValueError as err:  # the device's file is missing, lacks a field, or has a foreign label
         return _refuse(msg, str(err))
     return _Ready(cfg, seed, profile, method, plan, estimate, trainee, examples, received)
 
 
 def _examples(cfg: RunConfig, profile: DeviceProfile, method: Method, plan: Plan, trainee: Trainee,
-              budgeted: bool) -> list[Example]:
-    """This node's encoded examples: its share of the run's dataset, or its own file (never both)."""
-    if profile.data_path is not None:
-        key = ShareKey(cfg, -1, plan.seq_len, 0, profile.data_path, tuple(sorted(profile.fields.items())))
-        return STATE.share(key, lambda: encode_dataset(
-            workload.device_share(cfg, str(profile.data_path), profile.fields), trainee.tokenizer, cfg.task,
-            plan.seq_len), budgeted)
-    reserved = method.calibration_size()
-    key = ShareKey(cfg, profile.partition_id, plan.seq_len, reserved)
-    return STATE.share(key, lambda: encode_dataset(workload.shares(cfg, reserved)[profile.partition_id],
-                                                   trainee.tokenizer, cfg.task, plan.seq_len), budgeted)
+              budgeted: bool, held_out: bool = False) -> list[Example]:
+    """This node's encoded examples, from its share of the run's dataset or its own file (never both):
+    the part it trains on, or (``held_out``) the part it evaluates on."""
+    reserved = 0 if profile.data_path is not None else method.calibration_size()
+    key = ShareKey(cfg, profile.partition_id if profile.data_path is None else -1, plan.seq_len, reserved,
+                   profile.data_path, tuple(sorted(profile.fields.items())), held_out)
+
+    def build() -> list[Example]:
+        if profile.data_path is not None:
+            whole = workload.device_share(cfg, profile.data_path, profile.fields)
+        else:
+            whole = workload.shares(cfg, reserved)[profile.partition_id]
+        part = workload.client_split(cfg, whole)[int(held_out)]
+        return encode_dataset(part, trainee.tokenizer, cfg.task, plan.seq_len)
+
+    return STATE.share(key, build, budgeted)
 
 
 def _refuse(msg: Message, reason: str) -> Message:
@@ -237,15 +245,16 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_share(msg: Message, context: Context) -> Message:
-    """Evaluate the received state on this node's share (federated evaluation)."""
-    ready = _prepare(msg, context)
+    """Evaluate the received global state on this node's held-out slice (federated evaluation)."""
+    ready = _prepare(msg, context, held_out=True)
     if isinstance(ready, Message):
         return ready
     scores = evaluate(ready.trainee.model, ready.examples, batch_size=ready.plan.micro_batch,
                       pad_id=ready.trainee.tokenizer.pad_token_id,
                       classification=ready.cfg.task == CLASSIFICATION)
     return _reply(msg, {protocol.NUM_EXAMPLES: len(ready.examples), protocol.EVAL_LOSS: scores["loss"],
-                        **({protocol.ACCURACY: scores["accuracy"]} if "accuracy" in scores else {})})
+                        **({protocol.ACCURACY: scores["accuracy"]} if "accuracy" in scores else {}),
+                        protocol.BASE_VERSION: ready.trainee.version})
 
 
 @app.query()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from pollinate import protocol, workload
 from pollinate.config import RunConfig
+from pollinate.data import CLASSIFICATION
 from pollinate.files import UPDATES_FILE
 from pollinate.privacy.accountant import Accountant
 from pollinate.protocol import ClientReport
@@ -77,9 +79,10 @@ def wants_catch_up(reply: Message) -> bool:
     return not reply.has_error() and protocol.metric(protocol.metrics_of(reply), protocol.CATCH_UP) == 1
 
 
-def collect(grid: Grid, messages: Iterable[Message], progress: RoundProgress, timeout: float,
+def collect(grid: Grid, messages: Iterable[Message], progress: RoundProgress | None, timeout: float,
             late: set[str] | None = None) -> list[Message]:
-    """Push ``messages`` and pull their replies until all arrived or ``timeout`` passed.
+    """Push ``messages`` and pull their replies until all arrived or ``timeout`` passed (each reply
+    advances ``progress``'s bar, if given).
 
     ``late`` holds the ids of earlier instructions still unanswered: their replies are pulled too (and
     fail the envelope check as stale), and the ids of this call's unanswered instructions join it.
@@ -94,7 +97,8 @@ def collect(grid: Grid, messages: Iterable[Message], progress: RoundProgress, ti
             pending.discard(reply.metadata.reply_to_message_id)
             late.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
-            if reply.metadata.reply_to_message_id in ours and not wants_catch_up(reply):
+            if progress is not None and reply.metadata.reply_to_message_id in ours \
+                    and not wants_catch_up(reply):
                 progress.client_done()
         if pending:
             time.sleep(PULL_INTERVAL)
@@ -132,6 +136,26 @@ def failure_reason(reason: str) -> str:
     return (lines[0] if lines else "no reason given").strip(" '>")[:300]
 
 
+def eval_failure(reply: Message, max_examples: int) -> str | None:
+    """Why a federated evaluation's reply is left out of the mean (an error, a loss that is not finite, a
+    count that is not 1..``max_examples``, an accuracy outside [0, 1]), or None."""
+    if reply.has_error():
+        return failure_reason(reply.error.reason or "")
+    if protocol.METRICS not in reply.content.metric_records:
+        return "the reply carries no metrics"
+    record = protocol.metrics_of(reply)
+    loss, count = protocol.metric(record, protocol.EVAL_LOSS, math.nan), protocol.metric(
+        record, protocol.NUM_EXAMPLES)
+    if not (math.isfinite(loss) and loss >= 0):
+        return f"eval loss {loss!r} is not a finite number >= 0"
+    if not (count.is_integer() and 1 <= count <= max_examples):
+        return f"num-examples {count:.10g} is not a whole number from 1 to {max_examples}"
+    accuracy = protocol.metric(record, protocol.ACCURACY, 0.0)
+    if not 0 <= accuracy <= 1:
+        return f"accuracy {accuracy!r} is outside [0, 1]"
+    return None
+
+
 def failed_event(server_round: int, reply: Message) -> dict[str, Any]:
     """The metrics.jsonl line of an error reply (a refusal, a crash)."""
     return {"round": server_round, "event": "failed", "node_id": reply.metadata.src_node_id,
@@ -148,6 +172,8 @@ class Federation:
         self.totals = Totals()
         self.late: set[str] = set()
         """Instructions of earlier rounds still unanswered (their replies are pulled, and rejected)."""
+        self.eval_late: set[str] = set()
+        """Federated evaluations still unanswered (their replies are pulled and left out)."""
         self.missed: set[str] = set()
         """Every instruction that was still unanswered at its round's deadline."""
         self.saved_version = 0
@@ -178,14 +204,62 @@ class Federation:
         """The name of the method the strategy trains (``metrics.jsonl``, ``summary.json``)."""
         return self.strategy.method.name
 
-    def evaluate(self, server_round: int) -> dict[str, float]:
-        """Central evaluation of the current global model, recorded."""
+    def evaluate(self, server_round: int, arrays: ArrayRecord | None, grid: Grid) -> dict[str, float]:
+        """Evaluate the global model (``arrays``, as the next round sends it; None before round 1),
+        recorded: on the server's held-out split, or (``eval-split = "clients"``) on every node's
+        held-out slice."""
         start = time.perf_counter()
-        scores = self.model.evaluate()
+        extra: dict[str, Any] = {}
+        if self.cfg.eval_split == "clients":
+            scores, extra = self.evaluate_on_nodes(server_round, arrays, grid)
+        else:
+            scores = self.model.evaluate()
         self.totals.evals[server_round] = scores
-        self.run_dir.append_event({"round": server_round, "event": "evaluate", **scores,
+        self.run_dir.append_event({"round": server_round, "event": "evaluate", **scores, **extra,
                                    "eval_seconds": time.perf_counter() - start})
         return scores
+
+    def evaluate_on_nodes(self, server_round: int, arrays: ArrayRecord | None, grid: Grid
+                          ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Federated evaluation: every node evaluates ``arrays`` on its held-out slice; the scores are
+        the means weighted by examples (loss NaN when no node answered). Refusals and replies without a
+        finite loss are recorded (``eval_failed``) and left out. Returns the scores and the event's
+        other fields (nodes, examples, bytes sent)."""
+        config = protocol.config_record(self.cfg.to_run_config(), server_round)
+        strategy = self.strategy
+        messages = [strategy.node_message(node, arrays, config, strategy.node_versions.get(node, 0),
+                                          "evaluate") for node in strategy.nodes(server_round, grid)]
+        replies = collect(grid, messages, None, self.cfg.round_timeout, self.eval_late)
+        if behind := [r for r in replies if wants_catch_up(r)]:
+            again = [strategy.catch_up(r, arrays, config, "evaluate") for r in behind]
+            replies = [r for r in replies if not wants_catch_up(r)] + collect(
+                grid, again, None, self.cfg.round_timeout, self.eval_late)
+            messages += again
+        down = sum(protocol.downlink_bytes(m) for m in messages)
+        self.totals.bytes_down += down
+        addressed = {m.metadata.message_id for m in messages}
+        weighted: dict[str, float] = {}
+        examples, counted = 0, 0
+        for reply in replies:
+            if reply.metadata.reply_to_message_id not in addressed:
+                continue  # a reply to an earlier evaluation: its model is gone
+            node = reply.metadata.src_node_id
+            if (reason := eval_failure(reply, self.max_examples)) is not None:
+                self.run_dir.append_event({"round": server_round, "event": "eval_failed", "node_id": node,
+                                           "reason": reason})
+                continue
+            record = protocol.metrics_of(reply)
+            count = int(protocol.metric(record, protocol.NUM_EXAMPLES))
+            examples, counted = examples + count, counted + 1
+            for name, key in (("loss", protocol.EVAL_LOSS), ("accuracy", protocol.ACCURACY)):
+                if key in record:
+                    weighted[name] = weighted.get(name, 0.0) + count * protocol.metric(record, key)
+            strategy.node_versions[node] = int(protocol.metric(record, protocol.BASE_VERSION))
+        scores = {k: v / examples for k, v in weighted.items()} if examples else {"loss": math.nan}
+        if self.cfg.task != CLASSIFICATION and examples:
+            scores["perplexity"] = math.exp(min(scores["loss"], 50.0))
+        return scores, {"eval_on": "clients", "nodes": len({m.metadata.dst_node_id for m in messages}),
+                        "evaluated": counted, "examples": examples, "bytes_down": down}
 
     def catch_up_server(self) -> None:
         """Merge into the server's trainee the updates the strategy committed that it lacks."""
@@ -322,7 +396,7 @@ class Federation:
             self.catch_up_server()
             arrays = protocol.to_record(state)
             self.model.load(state, server_round)
-        scores = self.evaluate(server_round)
+        scores = self.evaluate(server_round, arrays, grid)
         self.commit(server_round, state, kept, replies, rejected)
         self.progress.end_round(server_round, len(kept), sampled, train_loss, scores, up, down,
                                 time.perf_counter() - start, self.epsilon)
@@ -455,7 +529,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
             progress.print(f"resumed after round {recovery.round} from {recovery.checkpoint}"
                            + "".join(f"\n  passed over {reason}" for reason in recovery.skipped))
         else:
-            initial = fed.evaluate(0)
+            initial = fed.evaluate(0, None, grid)  # the nodes evaluate the model they build: the start
             progress.print(f"initial eval loss {initial['loss']:.3f}")
             fed.setup(grid)
             arrays = protocol.to_record(global_model.initial_state())

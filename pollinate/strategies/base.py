@@ -189,7 +189,7 @@ class PollinateStrategy(FedAvg):
         ordered = sorted(nodes, key=lambda node: (self.partitions.get(node, -1), node))
         return sorted(random.Random(self.cfg.seed * 1_000_003 + server_round).sample(ordered, count))
 
-    def catch_up(self, reply: Message, arrays: ArrayRecord, config: ConfigRecord,
+    def catch_up(self, reply: Message, arrays: ArrayRecord | None, config: ConfigRecord,
                  message_type: str = "train") -> Message:
         """Answer a node whose process could not apply what it was sent: resend every update from the
         base. One resend always suffices: a process holding part of them starts again from the base

@@ -1,7 +1,8 @@
 """End to end on loopback, every part a process of its own: ``pollinate serve`` (a SuperLink with TLS,
 node authentication and a database) and three ``pollinate agent`` devices, each training on its own
 file; an unregistered key and a plaintext SuperNode are refused while the devices go on; every process
-is stopped by PID (reliability.md, scenario 14)."""
+is stopped by PID (reliability.md, scenario 14). The server has none of the devices' data: each device
+evaluates on a slice of its own file it holds back (``eval-split = "clients"``)."""
 
 import json
 import os
@@ -51,8 +52,8 @@ def test_three_devices_train_two_rounds_over_tls_with_node_authentication(tmp_pa
     serve = subprocess.Popen([POLLINATE, "serve", "--certs", str(certs.path), "--address", link,
                               "--state", str(tmp_path / "state"), "--run-dir", str(run), "--wait", "240",
                               "--set", "model=tiny-llama", "num-clients=3", "rounds=2", "local-steps=2",
-                              "eval-examples=8"], stdout=(tmp_path / "serve.log").open("w"),
-                             stderr=subprocess.STDOUT, env=env)
+                              "eval-examples=8", "eval-split=clients"],
+                             stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT, env=env)
     agents, seen = [], {serve.pid: tree(serve.pid)}
     try:
         deadline = time.monotonic() + 60
@@ -96,7 +97,11 @@ def test_three_devices_train_two_rounds_over_tls_with_node_authentication(tmp_pa
     assert summary["rounds_completed"] == 2 and summary["num_clients"] == 3
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     clients = [e for e in events if e["event"] == "client"]
-    assert sorted(e["num_examples"] for e in clients) == [9, 9, 12, 12, 15, 15]
+    assert sorted(e["num_examples"] for e in clients) == [7, 7, 10, 10, 12, 12]  # 2, 2, 3 held back
+    evals = [e for e in events if e["event"] == "evaluate"]
+    assert [e["round"] for e in evals] == [0, 1, 2]
+    assert all((e["eval_on"], e["evaluated"], e["examples"]) == ("clients", 3, 7) for e in evals)
+    assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"]
     registered = set(json.loads((tmp_path / "state/nodes.json").read_text()).values())
     assert {e["node_id"] for e in clients} == registered and len(registered) == 3
     for r in (1, 2):
