@@ -43,7 +43,8 @@ def method_for(cfg: RunConfig) -> Method:
 def build_strategy(cfg: RunConfig) -> PollinateStrategy:
     """The configured strategy, sampling every client each round; checks the configuration first.
 
-    The server evaluates centrally on the held-out split; the round loop does not ask clients to.
+    Evaluation is the round loop's, not the strategy's: on the server's held-out split, or on the nodes'
+    own held-out slices (``eval-split = "clients"``).
     """
     return strategy_class(cfg.strategy)(cfg)
 
