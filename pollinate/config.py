@@ -25,6 +25,7 @@ from pollinate.methods.settings import AUTO
 from pollinate.methods.settings import fail as _fail
 from pollinate.methods.settings import key as _key
 from pollinate.methods.settings import positive as _positive
+from pollinate.methods.sfprompt.settings import SfPromptSettings
 from pollinate.privacy.settings import DpSettings
 
 Scalar = bool | int | float | str
@@ -133,6 +134,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"table": "lora"})
     fedsb: FedSbSettings = field(default_factory=FedSbSettings, metadata={"table": "fedsb"})
     fedkseed: FedKSeedSettings = field(default_factory=FedKSeedSettings, metadata={"table": "fedkseed"})
+    sfprompt: SfPromptSettings = field(default_factory=SfPromptSettings, metadata={"table": "sfprompt"})
     dp: DpSettings = field(default_factory=DpSettings, metadata={"table": "dp"})
     data: DataFields = field(default_factory=DataFields, metadata={"table": "data"})
     memory: MemorySettings = field(default_factory=MemorySettings, metadata={"table": "memory"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,8 @@ class TrainResult:
     examples: int
     tokens: int
     seconds: float
+    figures: dict[str, float] = field(default_factory=dict)
+    """The method's own figures of this training (SFPrompt's split bytes), sent as ``method.<name>``."""
 
 
 def batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:

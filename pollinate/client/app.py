@@ -227,6 +227,7 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, {
         protocol.NUM_EXAMPLES: len(ready.examples),
         **protocol.plan_metrics(plan.fields()),
+        **protocol.method_metrics(result.figures),
         protocol.BUDGET: ready.profile.budget or 0,
         protocol.ESTIMATE: ready.estimate.total,
         protocol.EXAMPLES_SEEN: result.examples,

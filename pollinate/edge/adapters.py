@@ -106,6 +106,9 @@ def resolve_checkpoint(source: Path) -> Checkpoint:
         raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} has no {MANIFEST_FILE}: it is not a "
                          "checkpoint pollinate wrote")
     written = json.loads((folder / MANIFEST_FILE).read_text())
+    if (reason := (written.get("export") or {}).get("unsupported")) is not None:
+        raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} cannot be exported: method "
+                         f"{written.get('method', '')!r}: {reason}")
     delta_name = (written.get("export") or {}).get("base_delta")
     base_delta = folder / delta_name if delta_name and (folder / delta_name).is_file() else None
     if not (folder / _CONFIG).is_file() or not (folder / _WEIGHTS).is_file():

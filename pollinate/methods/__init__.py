@@ -18,6 +18,7 @@ _REGISTRY: dict[str, str] = {
     "lora": "pollinate.methods.lora.method:LoraMethod",
     "lora_sb": "pollinate.methods.lora_sb.method:LoraSbMethod",
     "fedkseed": "pollinate.methods.fedkseed.method:FedKSeedMethod",
+    "sfprompt": "pollinate.methods.sfprompt.method:SfPromptMethod",
 }
 
 

@@ -162,6 +162,9 @@ class Exportable:
     adapter: bool = True
     """False when the peft view holds no trained adapter (its factors are zero: every weight trained
     into the base delta), so only a merged export makes sense."""
+    unsupported: str | None = None
+    """Why the edge export cannot take this method's checkpoints yet (None: it can); ``pollinate export``
+    refuses them with this reason."""
 
 
 class Update(Protocol):

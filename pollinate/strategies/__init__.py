@@ -17,6 +17,7 @@ from pollinate.strategies.fedsb import FedSb
 from pollinate.strategies.ffa import FfaLora
 from pollinate.strategies.flora import FLora
 from pollinate.strategies.lora import LoraStrategy
+from pollinate.strategies.sfprompt import SfPrompt
 from pollinate.strategies.zeropad import ZeroPad
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 STRATEGIES: dict[str, type[PollinateStrategy]] = {
     "fedit": FedIt, "ffa": FfaLora, "flora": FLora, "fedex": FedExLora, "zeropad": ZeroPad,
-    "fedsb": FedSb, "fedkseed": FedKSeed, "fedkseed-pro": FedKSeedPro,
+    "fedsb": FedSb, "fedkseed": FedKSeed, "fedkseed-pro": FedKSeedPro, "sfprompt": SfPrompt,
 }
 
 
@@ -50,5 +51,5 @@ def build_strategy(cfg: RunConfig) -> PollinateStrategy:
 
 
 __all__ = ["STRATEGIES", "Aggregate", "FLora", "FedExLora", "FedIt", "FedKSeed", "FedKSeedPro", "FedSb",
-           "FfaLora", "LoraStrategy", "PollinateStrategy", "ZeroPad", "build_strategy", "method_for",
-           "strategy_class"]
+           "FfaLora", "LoraStrategy", "PollinateStrategy", "SfPrompt", "ZeroPad", "build_strategy",
+           "method_for", "strategy_class"]

@@ -2,13 +2,22 @@
 
 One parametrised matrix, as peft tests every tuner: a new method gets these tests by registering. Each
 row builds the method on tiny-llama (generation) and, where it supports classification, tiny-bert.
+
+SFPrompt cuts a model into head, body and tail, which the two-block tiny models cannot hold: its rows are
+tiny-llama made four blocks deep (``deep_tiny``) and minilm-l6 (six), each on a few dozen rows of a file
+(its local-loss phase passes over every example of a share), and its trainee trains against the body
+service its strategy starts.
 """
 
+import contextlib
+import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from sfprompt_helpers import deep_tiny, small_dataset
 
 from pollinate import methods, protocol
 from pollinate.config import RunConfig
@@ -16,16 +25,52 @@ from pollinate.methods.base import Method, Trainee
 from pollinate.methods.plan import Plan
 
 # The strategy that trains each method (the strategy determines the method).
-STRATEGY = {"lora": "fedit", "lora_sb": "fedsb", "fedkseed": "fedkseed"}
+STRATEGY = {"lora": "fedit", "lora_sb": "fedsb", "fedkseed": "fedkseed", "sfprompt": "sfprompt"}
+MODELS = {"sfprompt": (("tiny-llama", "generation"), ("minilm-l6", "classification"))}
 CASES = [(name, model, task) for name in methods.names()
-         for model, task in (("tiny-llama", "generation"), ("tiny-bert", "classification"))]
+         for model, task in MODELS.get(name, (("tiny-llama", "generation"), ("tiny-bert", "classification")))]
+DATA: dict[str, str] = {}
+"""Per task, the small dataset file of the SFPrompt rows."""
 
 
-def _method(name: str, model: str, task: str) -> Method:
+@pytest.fixture(autouse=True)
+def _sfprompt_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    params = getattr(request.node, "callspec", None)
+    if params is None or params.params.get("name") != "sfprompt":
+        return
+    deep_tiny(monkeypatch)
+    folder = tmp_path_factory.mktemp("sfprompt-data")
+    for task in ("generation", "classification"):
+        DATA[task] = str(small_dataset(folder, task))
+
+
+def _method(name: str, model: str, task: str, **extra: object) -> Method:
+    own = {"dataset": DATA[task], "partitioner": "iid"} if name == "sfprompt" else {}
     cfg = RunConfig.from_run_config({"model": model, "task": task, "strategy": STRATEGY[name],
                                      "num-clients": 2, "eval-examples": 8, "local-steps": 2,
-                                     "fedsb.rank": 4, "fedsb.init-examples": 4, "fedkseed.steps": 3})
+                                     "fedsb.rank": 4, "fedsb.init-examples": 4, "fedkseed.steps": 3,
+                                     **own, **extra})
     return methods.build(name, cfg)
+
+
+@contextlib.contextmanager
+def _serving(method: Method) -> Iterator[Method]:
+    """The method as its clients see it during a run: SFPrompt's with the body service its strategy
+    starts on the server's trainee (and stops after); any other as it is."""
+    if method.name != "sfprompt":
+        yield method
+        return
+    from pollinate.strategies import strategy_class
+
+    cfg: RunConfig = method.cfg  # type: ignore[attr-defined]
+    strategy = strategy_class(cfg.strategy)(cfg)
+    strategy.start_body(method.server())  # type: ignore[attr-defined]
+    try:
+        yield methods.build(method.name, RunConfig.from_run_config(
+            {**cfg.to_run_config(), **strategy.service_config()}))  # type: ignore[attr-defined]
+    finally:
+        strategy.teardown()
 
 
 def _client(method: Method) -> tuple[Trainee, Plan]:
@@ -81,14 +126,14 @@ def test_training_keeps_the_version_and_frozen_part(name: str, model: str, task:
     from pollinate import workload
     from pollinate.data import encode_dataset
 
-    method = _method(name, model, task)
-    trainee, plan = _client(method)
-    trainee.merge(method.sample_update(trainee, 1))
-    version, frozen = trainee.version, trainee.fingerprint()
-    share = workload.shares(method.cfg, method.calibration_size())[0]  # type: ignore[attr-defined]
-    examples = encode_dataset(share, trainee.tokenizer, task, plan.seq_len)
-    before = trainee.upload()
-    result = trainee.train(examples, method.spec(plan), seed=0)
+    with _serving(_method(name, model, task)) as method:
+        trainee, plan = _client(method)
+        trainee.merge(method.sample_update(trainee, 1))
+        version, frozen = trainee.version, trainee.fingerprint()
+        share = workload.shares(method.cfg, method.calibration_size())[0]  # type: ignore[attr-defined]
+        examples = encode_dataset(share, trainee.tokenizer, task, plan.seq_len)
+        before = trainee.upload()
+        result = trainee.train(examples, method.spec(plan), seed=0)
     assert result.loss > 0 and result.examples == method.spec(plan).steps * method.spec(plan).batch_size
     # a method that moves its frozen part while training (FedKSeed) must restore it, to round-off
     assert trainee.version == version
@@ -111,7 +156,6 @@ def test_estimates_rise_with_batch_and_sequence_length(name: str, model: str, ta
     dims = method.dims()
     plans = method.candidates(dims, 0)
     base = plans[0]
-    import dataclasses
 
     bigger_batch = dataclasses.replace(base, micro_batch=base.micro_batch * 2)
     longer = dataclasses.replace(base, seq_len=base.seq_len * 2)
@@ -135,9 +179,15 @@ def test_a_saved_server_checkpoint_exports(name: str, model: str, task: str, tmp
     server.save(folder)
     (run / "config.json").write_text(json.dumps(method.cfg.to_run_config()))  # type: ignore[attr-defined]
     (folder / "manifest.json").write_text(json.dumps(
-        {"method": method.name, "export": {"base_delta": method.export_view().base_delta}}))
+        {"method": method.name, "export": dataclasses.asdict(method.export_view())}))
     (run / "LATEST").write_text("checkpoints/round-0001\n")
     bundle = tmp_path / "bundle"
+    if (reason := method.export_view().unsupported) is not None:  # refused, with the method's reason
+        with pytest.raises(ValueError, match="cannot be exported") as refused:
+            export_bundle(run, bundle)
+        assert reason in str(refused.value) and "\n" not in str(refused.value)
+        assert not bundle.exists()
+        return
     export_bundle(run, bundle)
     edge = EdgeModel(bundle)
     assert edge is not None

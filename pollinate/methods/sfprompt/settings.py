@@ -27,6 +27,12 @@ class SfPromptSettings:
     """Epochs of the local-loss phase (tail(head(x)), no communication) before pruning."""
     lr: float = field(default=1e-3, metadata=key("lr"))
     """AdamW learning rate of the prompt and the tail (a fine-tuning rate: the tail is full blocks)."""
+    body_address: str = field(default="", metadata=key("body-address"))
+    """``host:port`` of the body service the clients dial; empty: the server starts one for the run (on
+    127.0.0.1, port chosen by the system) and sends its address with every instruction."""
+    certs: str = field(default="", metadata=key("certs"))
+    """The certificate folder of the body service's mutual TLS (``ca.crt``, ``nodes/<node>/``); empty: the
+    server makes a throw-away CA for the run and sends its folder with every instruction."""
 
     def __post_init__(self) -> None:
         check_layers("sfprompt.head-layers", self.head_layers)
