@@ -36,6 +36,8 @@ PARTITION_ID = "partition-id"  # a node's share: the name it keeps across restar
 NUM_EXAMPLES = "num-examples"
 PLAN = "plan."  # prefix of every plan field in a reply: plan.rank, plan.micro-batch, ...
 METHOD = "method."  # prefix of a method's own figures in a reply
+SPLIT_UP = "split-bytes-up"  # the method figures of bytes a client sent and received beside Flower
+SPLIT_DOWN = "split-bytes-down"  # (SFPrompt's activations and gradients): in the run's byte totals too
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 EXAMPLES_SEEN = "examples-seen"
@@ -176,6 +178,11 @@ class ClientReport:
             tokens_seen=int(metric(m, TOKENS_SEEN)), bytes_up=wire_bytes(arrays),
             bytes_down=int(metric(m, BYTES_DOWN)), version=int(metric(m, BASE_VERSION)),
             fingerprint=metric(m, BASE_FINGERPRINT), upload=from_record(arrays))
+
+    @property
+    def split_bytes(self) -> tuple[int, int]:
+        """Bytes up and down beside Flower (a split method's body channel) during this training."""
+        return int(self.method_figures.get(SPLIT_UP, 0)), int(self.method_figures.get(SPLIT_DOWN, 0))
 
     @property
     def over_budget(self) -> bool:

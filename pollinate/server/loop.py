@@ -54,6 +54,9 @@ class Totals:
 
     bytes_up: int = 0
     bytes_down: int = 0
+    split_up: int = 0
+    split_down: int = 0
+    """Bytes beside Flower (a split method's body channel), of accepted clients; not in bytes_up/down."""
     rounds: int = 0
     rejected: int = 0
     rejected_by_check: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKS, 0))
@@ -377,10 +380,14 @@ class Federation:
         up, down = sum(e["bytes_up"] for e in accepted), sum(sent.values())
         self.totals.bytes_up += up
         self.totals.bytes_down += down
+        split = sum(r.split_bytes[0] for r in kept), sum(r.split_bytes[1] for r in kept)
+        self.totals.split_up += split[0]
+        self.totals.split_down += split[1]
         train_loss = protocol.metric(done[1], protocol.TRAIN_LOSS) if done is not None else None
         self.run_dir.append_event({
             "round": server_round, "event": "train", "sampled": sampled, "accepted": len(kept),
             "train_loss": train_loss, "bytes_up": up, "bytes_down": down,
+            **({"split_bytes_up": split[0], "split_bytes_down": split[1]} if any(split) else {}),
             # send to aggregated, without the server's evaluation (that is in the evaluate event)
             "round_seconds": time.perf_counter() - start,
             "client_train_seconds": sum(e["train_seconds"] for e in accepted),
@@ -545,7 +552,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         "strategy": cfg.strategy, "method": fed.method, "model": cfg.model, "task": cfg.task,
         "num_clients": cfg.num_clients, "rounds_completed": fed.totals.rounds,
         "initial_eval": fed.totals.evals[0], "final_eval": fed.totals.evals[fed.totals.rounds],
-        "bytes_up_total": fed.totals.bytes_up, "bytes_down_total": fed.totals.bytes_down,
+        "bytes_up_total": fed.totals.bytes_up + fed.totals.split_up,
+        "bytes_down_total": fed.totals.bytes_down + fed.totals.split_down,
+        **({"split_bytes_up_total": fed.totals.split_up, "split_bytes_down_total": fed.totals.split_down}
+           if fed.totals.split_up or fed.totals.split_down else {}),
         "rejected_updates": fed.totals.rejected,
         "rejected_by_check": {k: v for k, v in fed.totals.rejected_by_check.items() if v},
         "uncommitted_rounds": fed.totals.uncommitted,

@@ -226,6 +226,12 @@ def test_a_simulation_runs_with_the_split_bytes_in_its_metrics(tmp_path: Path,
         figures = e["method_figures"]
         assert figures["split-bytes-up"] > 0 and figures["split-bytes-down"] > 0
         assert figures["split-steps"] == 2 and figures["kept-examples"] >= 1
+    split_up = sum(e["method_figures"]["split-bytes-up"] for e in clients)
+    split_down = sum(e["method_figures"]["split-bytes-down"] for e in clients)
+    assert summary["split_bytes_up_total"] == split_up and summary["split_bytes_down_total"] == split_down
+    assert summary["bytes_up_total"] == sum(e["bytes_up"] for e in clients) + split_up  # Flower + body
+    rounds = [e for e in events if e["event"] == "train"]
+    assert sum(e["split_bytes_down"] for e in rounds) == split_down
     checkpoint = path / (path / "LATEST").read_text().strip()
     assert (checkpoint / "sfprompt.safetensors").is_file()
     capsys.readouterr()
