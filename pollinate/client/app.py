@@ -165,6 +165,7 @@ def _prepare(msg: Message, context: Context, held_out: bool = False) -> _Ready |
         STATE.forget(trainee)  # it holds part of what the record combines: start again from the base
         trainee = STATE.trainee(trainee_key, lambda: method.client(plan), budgeted)
         sync_updates(trainee, method, msg)
+    _introduce(trainee, profile)
     seed = workload.round_seed(cfg, int(record[protocol.ROUND]), profile.client(context.node_id))  # type: ignore[arg-type]
     has_state = protocol.ARRAYS in msg.content.array_records
     received = protocol.from_record(protocol.arrays_of(msg)) if has_state else {}
@@ -175,6 +176,15 @@ def _prepare(msg: Message, context: Context, held_out: bool = False) -> _Ready |
     except ValueError as err:  # the device's file is missing, lacks a field, or has a foreign label
         return _refuse(msg, str(err))
     return _Ready(cfg, seed, profile, method, plan, estimate, trainee, examples, received)
+
+
+def _introduce(trainee: Trainee, profile: DeviceProfile) -> None:
+    """Give a trainee that dials a service of the server besides Flower (SFPrompt's body service) this
+    device's own certificate (``pollinate agent``): a path in the run configuration names the server's
+    folder, never the device's. A simulated node has none and keeps what the server sent."""
+    use = getattr(trainee, "use_device_tls", None)
+    if use is not None and profile.tls is not None:
+        use(profile.tls)
 
 
 def _examples(cfg: RunConfig, profile: DeviceProfile, method: Method, plan: Plan, trainee: Trainee,

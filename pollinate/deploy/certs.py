@@ -103,6 +103,27 @@ class CertFolder:
         return folder
 
 
+@dataclass(frozen=True)
+class DeviceTls:
+    """A device's own side of the mutual TLS of a service the server runs besides Flower (SFPrompt's body
+    service), as ``pollinate agent`` passes it to the ClientApp in the node config.
+
+    The device trusts ``folder/ca.crt`` and presents ``folder/nodes/<node>/tls.crt``; it dials the server
+    by ``server_host``, the host of its ``--superlink``: the server certificate names it, or the
+    SuperLink's TLS would have refused the device already. A path the server sends is never used: it
+    names a folder on the server.
+    """
+
+    folder: Path
+    node: str
+    server_host: str
+
+    def address(self, port: int) -> str:
+        """``host:port`` of a service of the server on ``port``, as this device dials it."""
+        host = self.server_host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_sans(text: str) -> list[x509.GeneralName]:
     """``"localhost,10.0.0.5,fl.example.org"`` -> DNS names and IP addresses (the one-line error for none)."""
     names: list[x509.GeneralName] = []

@@ -38,7 +38,9 @@ def register_run(commands: Any) -> None:
         "serve", help="run a federation server: a secured SuperLink and pollinate's app on it",
         description="Start a SuperLink with TLS, node authentication and a state database, register the "
                     "devices of the certificate folder, wait for num-clients of them, run pollinate's app "
-                    "once (the same keys as `pollinate simulate`) and stop every process it started.")
+                    "once (the same keys as `pollinate simulate`) and stop every process it started. "
+                    "With strategy sfprompt the app's body service listens on the same host at "
+                    "sfprompt.body-port (default 9095), with the folder's certificates: open that port too.")
     serve.add_argument("--certs", type=Path, required=True, help="a folder made by `pollinate certs init`")
     serve.add_argument("--config", type=Path, help="a TOML file of run-config keys")
     serve.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -56,7 +58,9 @@ def register_run(commands: Any) -> None:
         description="Start a SuperNode that authenticates with the device's key, trusts the federation's "
                     "CA, and whose ClientApp trains on FILE (JSON lines or CSV, the field names of a local "
                     "dataset) within the device's memory budget. The data never leaves the device.")
-    agent.add_argument("--certs", type=Path, required=True, help="a folder holding the federation's ca.crt")
+    agent.add_argument("--certs", type=Path, required=True,
+                       help="a folder holding the federation's ca.crt (and, for split learning, this "
+                            "device's nodes/<name>/tls.crt and tls.key)")
     agent.add_argument("--key", type=Path, required=True, help="this device's nodes/<name>/auth.key")
     agent.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the server's address")
     agent.add_argument("--data", type=Path, required=True, help="this device's .jsonl or .csv data")

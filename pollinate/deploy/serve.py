@@ -67,6 +67,11 @@ def parse_address(text: str, key: str = "--address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_address(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 host in brackets (the inverse of :func:`parse_address`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def local_name(folder: CertFolder) -> str:
     """The name this machine reaches the SuperLink by for its own control connection: one the server
     certificate holds (127.0.0.1 or localhost where it does)."""
@@ -168,7 +173,8 @@ def serve(cfg: RunConfig, certs: Path, address: str, state_path: Path, wait: flo
     check_target(cfg.dp, cfg.num_clients, cfg.per_round)
     folder = CertFolder.open(certs)
     host, port = parse_address(address)
-    _check_free(host, port)
+    check_free(host, port)
+    cfg = for_deployment(cfg, folder, (host, port))
     state = StateFolder(state_path.resolve())
     state.flwr_home.mkdir(parents=True, exist_ok=True)
     local = local_name(folder)
@@ -207,13 +213,29 @@ def serve(cfg: RunConfig, certs: Path, address: str, state_path: Path, wait: flo
         sys.stdout.flush()
 
 
-def _check_free(host: str, port: int) -> None:
+def for_deployment(cfg: RunConfig, folder: CertFolder, address: tuple[str, int]) -> RunConfig:
+    """``cfg`` with the keys its strategy needs under serve (SFPrompt: its body service's folder and
+    address, :meth:`~pollinate.strategies.base.PollinateStrategy.deployment`), checked again."""
+    from pollinate.strategies import build_strategy, strategy_class
+
+    extra = strategy_class(cfg.strategy).deployment(cfg, folder.path, address)
+    if not extra:
+        return cfg
+    deployed = RunConfig.from_run_config({**cfg.to_run_config(), **extra})
+    build_strategy(deployed)
+    print(f"strategy {cfg.strategy}: " + ", ".join(f"{k} = {v}" for k, v in extra.items()), flush=True)
+    return deployed
+
+
+def check_free(host: str, port: int, key: str = "--address") -> None:
+    """The one-line error (naming ``key``) unless this machine can listen on ``host:port`` now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host if _is_ip(host) else "0.0.0.0", port))
         except OSError as error:
-            raise ValueError(f"--address: cannot listen on {host}:{port} ({error.strerror})") from None
+            raise ValueError(f"{key}: cannot listen on {join_address(host, port)} "
+                             f"({error.strerror})") from None
 
 
 def _is_ip(host: str) -> bool:

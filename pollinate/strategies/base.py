@@ -28,6 +28,9 @@ from pollinate.privacy.mechanism import privacy_for
 from pollinate.protocol import ClientReport
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pollinate.config import Scalar
     from pollinate.methods.base import Method, Trainee, Update
 
 Exchange = Callable[[list[Message]], list[Message]]
@@ -84,6 +87,13 @@ class PollinateStrategy(FedAvg):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Raise a one-line ValueError for a configuration this strategy cannot run."""
+
+    @classmethod
+    def deployment(cls, cfg: RunConfig, certs: Path, address: tuple[str, int]) -> dict[str, Scalar]:
+        """Run-config keys ``pollinate serve`` sets for this strategy, from the deployment's certificate
+        folder and the (host, port) its SuperLink listens on: none, unless the strategy runs a service
+        of its own that devices reach (SFPrompt's body)."""
+        return {}
 
     @classmethod
     def check_privacy(cls, cfg: RunConfig) -> None:

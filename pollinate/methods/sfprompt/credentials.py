@@ -2,8 +2,10 @@
 
 The folder is the one ``pollinate certs init`` makes (:mod:`pollinate.deploy.certs`): the server presents
 ``server.crt`` (its SANs name the addresses clients dial) and accepts only client certificates signed by
-``ca.crt``; a device presents ``nodes/<name>/tls.crt`` and trusts only ``ca.crt``. A simulation makes a
-throw-away folder per run with :func:`temporary_certs`.
+``ca.crt``; a device presents ``nodes/<name>/tls.crt`` and trusts only ``ca.crt``. Under ``pollinate
+serve`` the server uses the deployment's folder and each device its own copy (``ca.crt`` and its
+``nodes/<name>/``, :class:`pollinate.deploy.certs.DeviceTls`); a simulation makes a throw-away folder per
+run with :func:`temporary_certs`, which server and clients on the one machine share.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def temporary_certs(nodes: int = 1, sans: str = LOOPBACK_SANS) -> Iterator[certs
         yield certs.init(parent / "certs", nodes=nodes, sans=sans, days=1)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def port_of(address: str) -> int:
+    """The port of ``host:port`` (``[v6]:port`` too), or the one-line error."""
+    port = address.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"sfprompt.body-address: {address!r} is not allowed; give HOST:PORT")
+    return int(port)
 
 
 def _path(folder: Path | certs.CertFolder) -> Path:

@@ -17,8 +17,11 @@ with dropout off (eval mode), so the split is exact (the body is always in eval 
 
 Nothing merges into the frozen part: the update (:class:`NoUpdate`) is empty and the history stays empty,
 so every node stays at version 0; the prompt and the tail travel as the round's state and are averaged.
-The body service's address and certificate folder reach the clients in the run configuration
-(``sfprompt.body-address``, ``sfprompt.certs``), which the strategy fills in for the run.
+The body service's address reaches the clients in the run configuration (``sfprompt.body-address``),
+which the strategy fills in for the run. A simulated client presents the certificate of the server's
+throw-away folder (``sfprompt.certs``, sent too); a device presents its own
+(:meth:`SplitClient.use_device_tls`, from ``pollinate agent``) and dials the host it reaches the server
+by, on the port the server sent.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 from safetensors.torch import save_file
@@ -45,6 +48,11 @@ from pollinate.methods.sfprompt import memory
 from pollinate.methods.sfprompt.settings import check_cut
 from pollinate.methods.sfprompt.split import FAMILIES, Body, BodyCompute, Split, keep_hardest, split_step
 from pollinate.training import TrainResult, batches, micro_batches_of
+
+if TYPE_CHECKING:
+    import grpc
+
+    from pollinate.deploy.certs import DeviceTls
 
 STATE_FILE = "sfprompt.safetensors"
 """The prompt and the tail in a checkpoint (the keys of an upload)."""
@@ -157,6 +165,15 @@ class _RemoteBody:
         return grad_h
 
 
+def _failure(address: str, error: Any) -> str:
+    """One line for a failed call to the body service (``error``: a ``grpc.RpcError``); a connection that
+    never got through names the usual causes."""
+    code = error.code().name
+    hint = ("; is its port open to this device, and is the device's certificate signed by the "
+            "deployment's CA?" if code == "UNAVAILABLE" else "")
+    return f"the body service at {address} answered {code}: {' '.join(str(error.details()).split())}{hint}"
+
+
 class SplitClient:
     """A client's trainee: head, prompt and tail; the body runs on the server."""
 
@@ -169,6 +186,12 @@ class SplitClient:
         self.version = 0
         self.rounds = 0
         """Trainings so far: the round number of the body service's step ids in this session."""
+        self.device: DeviceTls | None = None
+        """A device's own certificate and server host (:meth:`use_device_tls`); None: a simulated client."""
+
+    def use_device_tls(self, tls: DeviceTls) -> None:
+        """Dial the body service as this device: its own certificate, the host it reaches the server by."""
+        self.device = tls
 
     def load(self, state: Mapping[str, Tensor], *, seed: int) -> None:
         """The global prompt and tail."""
@@ -189,33 +212,56 @@ class SplitClient:
     def save(self, folder: Path) -> None:
         save_file(self.upload(), str(folder / STATE_FILE))
 
-    def body(self) -> Any:
-        """A session with the run's body service (``sfprompt.body-address``, ``sfprompt.certs``)."""
+    def body(self, endpoint: tuple[str, grpc.ChannelCredentials] | None = None) -> Any:
+        """A new session with the body service at ``endpoint`` (default: :meth:`endpoint`)."""
         from pollinate.methods.sfprompt.channel import BodyClient  # grpc only where a client trains
-        from pollinate.methods.sfprompt.credentials import client_credentials
 
-        s = self.settings
-        if not s.body_address or not s.certs:
-            raise fail("sfprompt.body-address", s.body_address, "a split client needs the body service's "
-                       "address and sfprompt.certs; the sfprompt strategy sends both with every instruction")
+        address, credentials = endpoint or self.endpoint()
         hidden = int(getattr(self.model, "config").hidden_size)  # noqa: B009 - a transformers config
-        return BodyClient(s.body_address, client_credentials(Path(s.certs), NODE), deadline_s=DEADLINE_S,
+        return BodyClient(address, credentials, deadline_s=DEADLINE_S,
                           session_id=f"sfprompt-{uuid.uuid4().hex}",
                           max_tensor_bytes=max_tensor_bytes(self.cfg, hidden))
 
+    def endpoint(self) -> tuple[str, grpc.ChannelCredentials]:
+        """Where the body service is and what this client presents to it.
+
+        A device dials the host it reaches the server by, at the port of ``sfprompt.body-address`` (the
+        server may listen on 0.0.0.0), with its own certificate. A simulated client dials the address as
+        sent, with the ``node-1`` certificate of the server's throw-away folder (``sfprompt.certs``).
+        """
+        from pollinate.methods.sfprompt.credentials import client_credentials, port_of
+
+        s = self.settings
+        if not s.body_address:
+            raise fail("sfprompt.body-address", s.body_address, "a split client needs the body service's "
+                       "address; the sfprompt strategy sends it with every instruction")
+        if self.device is not None:
+            device = self.device
+            return device.address(port_of(s.body_address)), client_credentials(device.folder, device.node)
+        if not s.certs:
+            raise fail("sfprompt.certs", s.certs, "a device needs its own certificate: start it with "
+                       "`pollinate agent --certs DIR --key DIR/nodes/<name>/auth.key` (node config certs, "
+                       "node-name and server-host)")
+        return s.body_address, client_credentials(Path(s.certs), NODE)
+
     def train(self, examples: Sequence[Example], spec: TrainSpec, *, seed: int) -> TrainResult:
         """Local-loss epochs, EL2N pruning, then ``spec.steps`` split steps on the kept examples."""
+        import grpc  # only where a client trains
+
         start = time.perf_counter()
+        endpoint = self.endpoint()  # a device without its certificate stops here, before any work
         optimizer = self.optimizer(spec)
         self.model.eval()
         local = self.local_phase(examples, spec, optimizer, seed)
         kept = self.prune(examples, min(spec.micro_batch, spec.batch_size))
         self.rounds += 1
-        body = self.body()
+        body = self.body(endpoint)
         try:
             remote = _RemoteBody(body, self.rounds)
             loss, seen, tokens = self.split_phase([examples[i] for i in kept], spec, optimizer, remote, seed)
             traffic = body.traffic(self.rounds)
+        except grpc.RpcError as error:  # one line for the server's log, not gRPC's multi-line repr
+            raise RuntimeError(_failure(endpoint[0], error)) from None
         finally:
             body.close()
         figures = {"split-bytes-up": float(traffic.sent), "split-bytes-down": float(traffic.received),
@@ -427,5 +473,6 @@ class SfPromptMethod:
         return schema_of(server.upload())
 
     def export_view(self) -> Exportable:
-        return Exportable(unsupported="the edge export does not take a soft prompt and a split model yet; "
-                                      "checkpoints keep them in sfprompt.safetensors")
+        return Exportable(unsupported="a soft prompt prepended to the input embeddings has no place in a "
+                                      "plain model folder or an edge bundle yet; the checkpoint keeps prompt "
+                                      "and tail in sfprompt.safetensors")

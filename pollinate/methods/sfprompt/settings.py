@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from pollinate.methods.settings import fail, key, positive
 
+DEFAULT_BODY_PORT = 9095
+"""The body service's port under ``pollinate serve``: next to Flower's 9091-9093 without taking one."""
+
 
 @dataclass(frozen=True)
 class SfPromptSettings:
@@ -27,12 +30,18 @@ class SfPromptSettings:
     """Epochs of the local-loss phase (tail(head(x)), no communication) before pruning."""
     lr: float = field(default=1e-3, metadata=key("lr"))
     """AdamW learning rate of the prompt and the tail (a fine-tuning rate: the tail is full blocks)."""
+    body_port: int = field(default=DEFAULT_BODY_PORT, metadata=key("body-port"))
+    """The port the body service listens on under ``pollinate serve`` (devices must reach it: open it in
+    the firewall). A simulation's service takes any free port on 127.0.0.1 instead."""
     body_address: str = field(default="", metadata=key("body-address"))
-    """``host:port`` of the body service the clients dial; empty: the server starts one for the run (on
-    127.0.0.1, port chosen by the system) and sends its address with every instruction."""
+    """``host:port`` the body service listens on. Set by ``pollinate serve`` (its ``--address`` host and
+    ``body-port``) together with ``certs``; empty: a simulation, the service on 127.0.0.1 at a port the
+    system chooses. The server sends the address it listens on with every instruction."""
     certs: str = field(default="", metadata=key("certs"))
-    """The certificate folder of the body service's mutual TLS (``ca.crt``, ``nodes/<node>/``); empty: the
-    server makes a throw-away CA for the run and sends its folder with every instruction."""
+    """The certificate folder of the body service's mutual TLS. Set by ``pollinate serve`` to the server's
+    folder (``server.crt``, ``server.key``, ``ca.crt``), never sent to devices: each presents its own
+    certificate. Empty: a simulation, whose server makes a throw-away CA for the run and sends its folder
+    with every instruction (every simulated client runs on the server's machine)."""
 
     def __post_init__(self) -> None:
         check_layers("sfprompt.head-layers", self.head_layers)
@@ -41,12 +50,20 @@ class SfPromptSettings:
         check_keep(self.keep)
         positive("sfprompt.local-epochs", self.local_epochs)
         positive("sfprompt.lr", self.lr)
+        check_port(self.body_port)
 
 
 def check_layers(name: str, layers: int) -> None:
     """Raise the one-line error of key ``name`` unless ``layers`` >= 1."""
     if layers < 1:
         raise fail(name, layers, "it must be at least 1 (each client side runs one block or more)")
+
+
+def check_port(port: int) -> None:
+    """Raise the one-line error unless ``port`` is a TCP port a service can listen on."""
+    if not 0 < port < 65536:
+        raise fail("sfprompt.body-port", port,
+                   f"give a TCP port from 1 to 65535 (default {DEFAULT_BODY_PORT})")
 
 
 def check_prompt_tokens(tokens: int) -> None:
