@@ -56,6 +56,8 @@ class Checkpoint:
     folder: Path
     run_config: dict[str, Any]
     """The run's flat ``config.json`` (``model``, ``task``, ``seed``, ``lora.rank``, ...)."""
+    run: Path | None = None
+    """The run folder that holds it (and its ``config.json``)."""
     method: str = "lora"
     """The method that wrote it, from its ``manifest.json``."""
     base_delta: Path | None = None
@@ -76,7 +78,7 @@ class Checkpoint:
         return int(match.group(1)) if match else 0
 
 
-def resolve_checkpoint(source: Path) -> Checkpoint:
+def resolve_checkpoint(source: Path, *, action: str = "exported") -> Checkpoint:
     """Find the checkpoint of a run folder (its ``LATEST``) or a checkpoint folder, and its run config.
 
     Parameters
@@ -84,6 +86,9 @@ def resolve_checkpoint(source: Path) -> Checkpoint:
     source : Path
         A run folder holding ``LATEST`` and ``config.json``, or a checkpoint folder
         ``RUN/checkpoints/round-NNNN`` (then ``RUN/config.json`` names the base model).
+    action : str, default "exported"
+        What the caller does with it, for the refusal of a method whose export view is ``unsupported``
+        (``"... cannot be exported: method ...: reason"``).
 
     A checkpoint is recognised by its ``manifest.json``, which names the method and how the export
     reads it (the method's export view).
@@ -107,7 +112,7 @@ def resolve_checkpoint(source: Path) -> Checkpoint:
                          "checkpoint pollinate wrote")
     written = json.loads((folder / MANIFEST_FILE).read_text())
     if (reason := (written.get("export") or {}).get("unsupported")) is not None:
-        raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} cannot be exported: method "
+        raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} cannot be {action}: method "
                          f"{written.get('method', '')!r}: {reason}")
     delta_name = (written.get("export") or {}).get("base_delta")
     base_delta = folder / delta_name if delta_name and (folder / delta_name).is_file() else None
@@ -121,7 +126,8 @@ def resolve_checkpoint(source: Path) -> Checkpoint:
     for key in ("model", "task"):
         if not isinstance(run_config.get(key), str):
             raise ValueError(f"{config_path}: has no {key!r}")
-    return Checkpoint(folder=folder.resolve(), run_config=run_config, method=str(written.get("method", "")),
+    return Checkpoint(folder=folder.resolve(), run_config=run_config, run=run.resolve(),
+                      method=str(written.get("method", "")),
                       base_delta=base_delta.resolve() if base_delta else None,
                       adapter=bool((written.get("export") or {}).get("adapter", True)))
 

@@ -1,4 +1,5 @@
-"""Command line of the edge part: ``export``, ``keys generate`` and ``edge generate|classify|info|verify``.
+"""Command line of the edge part: ``export``, ``merge``, ``keys generate`` and
+``edge generate|classify|info|verify``.
 
 :func:`register` adds them to the ``pollinate`` command. User errors are ``ValueError`` (the caller
 prints them as one line). Heavy modules are imported inside the handlers: the runner commands never
@@ -46,6 +47,16 @@ def _export(args: argparse.Namespace) -> int:
     signed = "signed" if args.sign_key else "unsigned"
     print(f"bundle: {args.out} ({len(manifest.files)} files, {size / 1e6:.1f} MB, "
           f"{args.quantize}, adapters {args.adapters}, {signed})")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pollinate.edge.merge import merge_checkpoint
+
+    info = merge_checkpoint(args.source, args.out)
+    size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
+    print(f"model: {args.out} ({size / 1e6:.1f} MB; {info['auto_class']}.from_pretrained loads it): round "
+          f"{info['round']} of {info['strategy'] or info['method']} run {info['run']}")
     return 0
 
 
@@ -220,7 +231,7 @@ def add_edge_commands(edge: Any) -> None:
 
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``export``, ``keys`` and ``edge`` to the ``pollinate`` command's subparsers."""
+    """Add ``export``, ``merge``, ``keys`` and ``edge`` to the ``pollinate`` command's subparsers."""
     exp = commands.add_parser(
         "export", help="turn a checkpoint into an edge bundle (ONNX, tokenizer, signed manifest)",
         description="Export a run's latest checkpoint (or a given checkpoint folder) to an edge bundle "
@@ -236,6 +247,17 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     exp.add_argument("--adapter-for", type=Path, metavar="BUNDLE",
                      help="write only the adapter, for this separate-adapter bundle")
     exp.set_defaults(func=_export)
+
+    merge = commands.add_parser(
+        "merge", help="turn a checkpoint into a plain Hugging Face model folder",
+        description="Merge a run's latest checkpoint (or a given checkpoint folder) into its base model: "
+                    "the updates merged into the base during the run, the adapter and a trained head, "
+                    "saved as a Hugging Face model folder that AutoModelForCausalLM (or "
+                    "AutoModelForSequenceClassification) loads without peft or pollinate.")
+    merge.add_argument("source", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    merge.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="the model folder to create (it must not exist, or be empty)")
+    merge.set_defaults(func=_merge)
 
     keys = commands.add_parser("keys", help="signing keys for edge bundles")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")

@@ -41,7 +41,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.export import Dim
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from pollinate import models
@@ -63,7 +63,12 @@ __all__ = [
     "CausalLMWithCache",
     "SequenceClassifier",
     "apply_base_delta",
+    "checkpoint_base",
+    "class_count",
     "export_bundle",
+    "load_checkpoint",
+    "prepare_out",
+    "run_labels",
     "weights_sha256",
 ]
 
@@ -252,7 +257,7 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _num_labels(adapter: adapters.PeftAdapter) -> int:
+def class_count(adapter: adapters.PeftAdapter) -> int:
     """Classes of a classification checkpoint: rows of its trained head (2 when none is saved)."""
     for module in adapter.modules_to_save:
         for key, value in adapter.tensors.items():
@@ -261,8 +266,8 @@ def _num_labels(adapter: adapters.PeftAdapter) -> int:
     return 2
 
 
-def _label_names(run_config: dict[str, Any], count: int) -> list[str]:
-    """Class names of the run's dataset when it can be read, else ``"0" .. "count-1"``."""
+def run_labels(run_config: dict[str, Any], count: int) -> list[str] | None:
+    """Class names of the run's dataset when it can be read and has ``count`` of them, else None."""
     try:
         from pollinate.config import RunConfig
         from pollinate.data import load_dataset
@@ -270,8 +275,13 @@ def _label_names(run_config: dict[str, Any], count: int) -> list[str]:
         cfg = RunConfig.from_run_config(run_config)
         names = list(load_dataset(cfg.dataset_name, cfg.task).features["label"].names)
     except (ValueError, OSError, KeyError, AttributeError, ImportError):
-        names = []
-    return [str(n) for n in names] if len(names) == count else [str(i) for i in range(count)]
+        return None
+    return [str(n) for n in names] if len(names) == count else None
+
+
+def _label_names(run_config: dict[str, Any], count: int) -> list[str]:
+    """Class names of the run's dataset when it can be read, else ``"0" .. "count-1"``."""
+    return run_labels(run_config, count) or [str(i) for i in range(count)]
 
 
 @torch.no_grad()
@@ -312,14 +322,33 @@ def _seeded(name: str, task: str) -> bool:
     return name in ("tiny-llama", "tiny-bert") or task == "classification"
 
 
+def checkpoint_base(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The run's base model (fp32, eval mode) with the checkpoint's merged base updates applied: the base
+    its adapter was trained on. A classifier gets as many classes as the adapter's trained head."""
+    cfg = checkpoint.run_config
+    task = cfg["task"]
+    num_labels = class_count(adapter) if task == "classification" else 2
+    base, tokenizer = models.load_model(cfg["model"], task, num_labels=num_labels,
+                                        seed=int(cfg.get("seed", 0)))
+    apply_base_delta(base, checkpoint.base_delta)
+    return base, tokenizer
+
+
+def load_checkpoint(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
+                    ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The checkpoint's model as a peft model in eval mode: :func:`checkpoint_base` with its adapter
+    (``merge_and_unload()`` of it is the plain model that ``--adapters merged`` exports)."""
+    base, tokenizer = checkpoint_base(checkpoint, adapter)
+    return PeftModel.from_pretrained(base, str(checkpoint.folder)).eval(), tokenizer
+
+
 def _load(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
           ) -> tuple[PeftModel, PreTrainedTokenizerBase, BaseModel]:
     """The run's base model with the checkpoint's adapter, and the base's manifest entry."""
     cfg = checkpoint.run_config
     task, seed = cfg["task"], int(cfg.get("seed", 0))
-    num_labels = _num_labels(adapter) if task == "classification" else 2
-    base, tokenizer = models.load_model(cfg["model"], task, num_labels=num_labels, seed=seed)
-    apply_base_delta(base, checkpoint.base_delta)
+    base, tokenizer = checkpoint_base(checkpoint, adapter)
     info = BaseModel(
         name=str(cfg["model"]), architecture=type(base).__name__,
         model_type=str(getattr(base.config, "model_type", "")),
@@ -413,7 +442,7 @@ def _producer() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _prepare_out(out: Path) -> None:
+def prepare_out(out: Path) -> None:
     """Create ``out``; refuse a file or a non-empty folder (nothing of the user's is overwritten)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out: {str(out)!r} exists and is not an empty folder; choose a new path")
@@ -467,7 +496,7 @@ def export_bundle(source: Path, out: Path, *, quantization: str = "none", adapte
                          f"({checkpoint.method}) trained every weight, so there is no adapter to ship: "
                          "use --adapters merged")
     peft_adapter = adapters.read_adapter(checkpoint.folder)
-    _prepare_out(out)
+    prepare_out(out)
     try:
         return _build(checkpoint, peft_adapter, out, quantization, adapter_mode, key)
     except BaseException:
@@ -500,7 +529,7 @@ def _build(checkpoint: adapters.Checkpoint, peft_adapter: adapters.PeftAdapter, 
         adapter=entry, tokenizer=_save_tokenizer(tokenizer, peft_model.get_base_model(), task, out),
         producer=_producer())
     if task == "classification":
-        result.labels.extend(_label_names(checkpoint.run_config, _num_labels(peft_adapter)))
+        result.labels.extend(_label_names(checkpoint.run_config, class_count(peft_adapter)))
     else:
         result.generation.max_new_tokens, result.generation.top_p = DEFAULT_MAX_NEW_TOKENS, 1.0
     manifest.write_bundle_manifest(out, result, key)
