@@ -48,7 +48,7 @@ def register(commands: Any) -> None:
     ranks.add_argument("--ranks", help="allowed ranks, comma-separated, e.g. 64,32,16,8")
     plan.add_argument("--targets", default="auto", help="the method's target modules (default auto)")
     plan.add_argument("--method", default="lora",
-                      help="a registered method: lora, lora_sb, fedkseed (default lora)")
+                      help="a registered method: lora, lora_sb, fedkseed, sfprompt (default lora)")
     plan.add_argument("--margin", type=float, default=0.9,
                       help="share of the budget an estimate may fill (default 0.9)")
     plan.add_argument("--all", action="store_true", help="print every candidate plan")
