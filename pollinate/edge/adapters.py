@@ -37,6 +37,7 @@ __all__ = [
     "export_adapter",
     "graph_input_name",
     "read_adapter",
+    "refusal",
     "resolve_checkpoint",
     "write_adapter_file",
 ]
@@ -64,7 +65,13 @@ class Checkpoint:
     """Updates merged into the base weights during the federation (``<module>.D``, or ``.L`` and ``.R``
     with ΔW = L R, by peft module name), when the method merges any and some were merged."""
     adapter: bool = True
-    """False when the method trained no adapter (its peft view has zero factors): merged export only."""
+    """False when the method trained no adapter (its peft view has zero factors, or it has none): merged
+    export only."""
+    prompt_state: Path | None = None
+    """A soft prompt and trained blocks instead of a peft view (SFPrompt's ``sfprompt.safetensors``): the
+    export bakes them into a merged graph (:mod:`pollinate.edge.prompted`)."""
+    merge_unsupported: str | None = None
+    """Why ``pollinate merge`` refuses this checkpoint (None: it takes it)."""
 
     @property
     def base_delta_sha256(self) -> str:
@@ -91,7 +98,7 @@ def resolve_checkpoint(source: Path, *, action: str = "exported") -> Checkpoint:
         (``"... cannot be exported: method ...: reason"``).
 
     A checkpoint is recognised by its ``manifest.json``, which names the method and how the export
-    reads it (the method's export view).
+    reads it (the method's export view): a peft view, or the file of its soft prompt and trained blocks.
 
     Raises
     ------
@@ -111,13 +118,12 @@ def resolve_checkpoint(source: Path, *, action: str = "exported") -> Checkpoint:
         raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} has no {MANIFEST_FILE}: it is not a "
                          "checkpoint pollinate wrote")
     written = json.loads((folder / MANIFEST_FILE).read_text())
-    if (reason := (written.get("export") or {}).get("unsupported")) is not None:
-        raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} cannot be {action}: method "
-                         f"{written.get('method', '')!r}: {reason}")
-    delta_name = (written.get("export") or {}).get("base_delta")
+    view = written.get("export") or {}
+    if (reason := view.get("unsupported")) is not None:
+        raise refusal(folder, action, str(written.get("method", "")), reason)
+    delta_name = view.get("base_delta")
     base_delta = folder / delta_name if delta_name and (folder / delta_name).is_file() else None
-    if not (folder / _CONFIG).is_file() or not (folder / _WEIGHTS).is_file():
-        raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} lacks {_CONFIG} or {_WEIGHTS}")
+    prompt_state = _checkpoint_files(folder, view.get("prompt_state"))
     config_path = run / "config.json"
     if not config_path.is_file():
         raise ValueError(f"RUN_DIR_OR_CHECKPOINT: no run config.json at {str(config_path)!r}; it names the "
@@ -129,7 +135,27 @@ def resolve_checkpoint(source: Path, *, action: str = "exported") -> Checkpoint:
     return Checkpoint(folder=folder.resolve(), run_config=run_config, run=run.resolve(),
                       method=str(written.get("method", "")),
                       base_delta=base_delta.resolve() if base_delta else None,
-                      adapter=bool((written.get("export") or {}).get("adapter", True)))
+                      adapter=bool(view.get("adapter", True)),
+                      prompt_state=prompt_state.resolve() if prompt_state else None,
+                      merge_unsupported=view.get("merge_unsupported"))
+
+
+def refusal(folder: Path, action: str, method: str, reason: str) -> ValueError:
+    """The one-line error of a checkpoint that cannot be ``action`` (exported, merged ...)."""
+    return ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} cannot be {action}: method {method!r}: "
+                      f"{reason}")
+
+
+def _checkpoint_files(folder: Path, prompt_name: str | None) -> Path | None:
+    """The prompt state file when the export view names one (else the peft view must be there); ValueError
+    when what the checkpoint should hold is missing."""
+    if prompt_name:
+        if not (folder / prompt_name).is_file():
+            raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} lacks {prompt_name}")
+        return folder / prompt_name
+    if not (folder / _CONFIG).is_file() or not (folder / _WEIGHTS).is_file():
+        raise ValueError(f"RUN_DIR_OR_CHECKPOINT: {str(folder)!r} lacks {_CONFIG} or {_WEIGHTS}")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +332,10 @@ def export_adapter(source: Path, bundle: Path, out: Path, *, sign_key: Path | No
         raise ValueError(f"--adapter-for: bundle {str(bundle)!r} has its adapter merged; export the base "
                          "with --adapters separate to ship adapters on their own")
     checkpoint = resolve_checkpoint(source)
+    if checkpoint.prompt_state is not None:
+        raise ValueError(f"--adapter-for: checkpoint {str(checkpoint.folder)!r} (method "
+                         f"{checkpoint.method!r}) holds a soft prompt and trained blocks, no adapter; export "
+                         "it as a bundle of its own with --adapters merged")
     _check_same_base(checkpoint, bundle_manifest.base, bundle)
     if checkpoint.base_delta_sha256 != bundle_manifest.base.base_delta_sha256:
         raise ValueError(f"--adapter-for: checkpoint {str(checkpoint.folder)!r} was trained on a base with "

@@ -18,6 +18,10 @@ Two adapter modes:
 Updates a strategy merged into the base weights during the federation (the file the checkpoint's
 ``manifest.json`` names, from the method's export view) are applied to the base before anything else:
 they are part of the base that the bundle's identity (``weights_sha256``) and its adapters refer to.
+
+A checkpoint of a soft prompt and trained blocks instead of a peft view (SFPrompt's; its export view's
+``prompt_state``) exports merged only, with the prompt inside a graph of the same inputs and outputs
+(:mod:`pollinate.edge.prompted`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import logging
 import shutil
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +66,19 @@ from pollinate.edge.bundle_pb2 import (
 
 __all__ = [
     "CausalLMWithCache",
+    "Contents",
     "SequenceClassifier",
     "apply_base_delta",
+    "base_message",
     "checkpoint_base",
     "class_count",
     "export_bundle",
+    "finish_bundle",
+    "label_names",
     "load_checkpoint",
     "prepare_out",
     "run_labels",
+    "save_graph",
     "weights_sha256",
 ]
 
@@ -208,12 +218,19 @@ def _promote_adapter_weights(program: Any, adapter_params: set[str]) -> list[Lor
 
 def _export_graph(model: nn.Module, task: str, config: Any, path: Path,
                   adapter_params: set[str] | None) -> list[LoraInput]:
-    """Trace, optimise and save ``model``; adapter weights become inputs when ``adapter_params``."""
+    """Trace, optimise and save ``model`` in the task's wrapper; adapter weights become inputs when
+    ``adapter_params``."""
     wrapper: nn.Module
     if task == "classification":
         wrapper = SequenceClassifier(model)
     else:
         wrapper = CausalLMWithCache(model, _kv_shape(config)[0])
+    return save_graph(wrapper, task, config, path, adapter_params)
+
+
+def save_graph(wrapper: nn.Module, task: str, config: Any, path: Path,
+               adapter_params: set[str] | None = None) -> list[LoraInput]:
+    """Trace, optimise and save a wrapper with the task's flat inputs and outputs (:func:`_trace`)."""
     program = _trace(wrapper.eval(), task, config)
     lora_inputs = _promote_adapter_weights(program, adapter_params) if adapter_params else []
     with _quiet(), _hidden_defaults(program.model.graph, {i.name for i in lora_inputs}):
@@ -279,7 +296,7 @@ def run_labels(run_config: dict[str, Any], count: int) -> list[str] | None:
     return [str(n) for n in names] if len(names) == count else None
 
 
-def _label_names(run_config: dict[str, Any], count: int) -> list[str]:
+def label_names(run_config: dict[str, Any], count: int) -> list[str]:
     """Class names of the run's dataset when it can be read, else ``"0" .. "count-1"``."""
     return run_labels(run_config, count) or [str(i) for i in range(count)]
 
@@ -346,17 +363,22 @@ def load_checkpoint(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapt
 def _load(checkpoint: adapters.Checkpoint, adapter: adapters.PeftAdapter
           ) -> tuple[PeftModel, PreTrainedTokenizerBase, BaseModel]:
     """The run's base model with the checkpoint's adapter, and the base's manifest entry."""
-    cfg = checkpoint.run_config
-    task, seed = cfg["task"], int(cfg.get("seed", 0))
     base, tokenizer = checkpoint_base(checkpoint, adapter)
-    info = BaseModel(
-        name=str(cfg["model"]), architecture=type(base).__name__,
-        model_type=str(getattr(base.config, "model_type", "")),
-        num_parameters=sum(p.numel() for p in base.parameters()), seed=seed,
-        weights_sha256=weights_sha256(base), seeded=_seeded(cfg["model"], task),
-        base_delta_sha256=checkpoint.base_delta_sha256)
+    info = base_message(checkpoint, base)
     peft_model = PeftModel.from_pretrained(base, str(checkpoint.folder))
     return peft_model.eval(), tokenizer, info
+
+
+def base_message(checkpoint: adapters.Checkpoint, base: nn.Module) -> BaseModel:
+    """The manifest's entry of the run's base model ``base`` (before anything trained is loaded)."""
+    cfg = checkpoint.run_config
+    config: Any = getattr(base, "config", None)
+    return BaseModel(
+        name=str(cfg["model"]), architecture=type(base).__name__,
+        model_type=str(getattr(config, "model_type", "")),
+        num_parameters=sum(p.numel() for p in base.parameters()), seed=int(cfg.get("seed", 0)),
+        weights_sha256=weights_sha256(base), seeded=_seeded(cfg["model"], cfg["task"]),
+        base_delta_sha256=checkpoint.base_delta_sha256)
 
 
 @torch.no_grad()
@@ -386,8 +408,9 @@ def _as_bare_adapter_graph(model: PeftModel) -> set[str]:
 
 
 def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module, task: str,
-                    out: Path) -> TokenizerInfo:
-    """Write ``tokenizer.json`` (no padding or truncation baked in) and the chat template."""
+                    out: Path, reserved: int = 0) -> TokenizerInfo:
+    """Write ``tokenizer.json`` (no padding or truncation baked in) and the chat template; the longest
+    input leaves ``reserved`` of the model's positions to a soft prompt inside the graph."""
     backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_padding()
     backend.no_truncation()
@@ -398,7 +421,7 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module, task: 
         if token is not None and int(token) not in eos:
             eos.append(int(token))
     config: Any = getattr(model, "config", None)
-    positions = int(getattr(config, "max_position_embeddings", 0) or 512)
+    positions = int(getattr(config, "max_position_embeddings", 0) or 512) - reserved
     info = TokenizerInfo(
         file=TOKENIZER_FILE, eos_token_ids=eos, pad_token_id=int(tokenizer.pad_token_id or 0),
         bos_token_id=-1 if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
@@ -411,14 +434,15 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module, task: 
 
 
 def _graph_message(path: Path, config: Any, task: str, quantization: str,
-                   lora_inputs: list[LoraInput]) -> Graph:
-    """The manifest's description of the saved graph."""
+                   lora_inputs: list[LoraInput], reserved: int = 0) -> Graph:
+    """The manifest's description of the saved graph; ``reserved`` of the model's positions are taken by
+    a soft prompt inside it, so ``max_positions`` counts those left to the input and the answer."""
     proto = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = Graph(file=path.name, opset=opset, ir_version=proto.ir_version,
                   quantization=_QUANT_ENUM[quantization],
                   vocab_size=int(getattr(config, "vocab_size", 0) or 0),
-                  max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+                  max_positions=max(int(getattr(config, "max_position_embeddings", 0) or 0) - reserved, 0),
                   lora_inputs=lora_inputs)
     if quantization != "none":
         graph.quantization_block_size = quantize.BLOCK_SIZE
@@ -473,7 +497,8 @@ def export_bundle(source: Path, out: Path, *, quantization: str = "none", adapte
     quantization : {"none", "int8", "int4"}
         Weight quantisation of the graph (the LoRA branches of a separate graph stay fp32).
     adapter_mode : {"merged", "separate"}
-        Merge the adapter into the weights, or keep it as an adapter file the runner activates.
+        Merge the adapter into the weights, or keep it as an adapter file the runner activates. A
+        checkpoint without an adapter (FedKSeed ``full``, SFPrompt's prompt and tail) exports merged only.
     sign_key : Path, optional
         An Ed25519 private key (``pollinate keys generate``); the manifest is signed with it.
 
@@ -491,17 +516,31 @@ def export_bundle(source: Path, out: Path, *, quantization: str = "none", adapte
     quantize.check_choice("--adapters", adapter_mode, ADAPTER_MODES)
     key = manifest.load_private_key(sign_key) if sign_key is not None else None
     checkpoint = adapters.resolve_checkpoint(source)
-    if adapter_mode == "separate" and not checkpoint.adapter:
-        raise ValueError(f"--adapters: 'separate' is not allowed for this checkpoint; its method "
-                         f"({checkpoint.method}) trained every weight, so there is no adapter to ship: "
-                         "use --adapters merged")
-    peft_adapter = adapters.read_adapter(checkpoint.folder)
+    if adapter_mode == "separate":
+        _check_separate(checkpoint)
+    peft_adapter = adapters.read_adapter(checkpoint.folder) if checkpoint.prompt_state is None else None
     prepare_out(out)
     try:
+        if peft_adapter is None:  # a soft prompt and trained blocks (SFPrompt), no peft view
+            from pollinate.edge.prompted import build_prompted
+
+            return build_prompted(checkpoint, out, quantization, key)
         return _build(checkpoint, peft_adapter, out, quantization, adapter_mode, key)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # never leave a half-written bundle behind
         raise
+
+
+def _check_separate(checkpoint: adapters.Checkpoint) -> None:
+    """Refuse ``--adapters separate`` for a checkpoint without an adapter, in one line."""
+    if checkpoint.prompt_state is not None:
+        raise ValueError(f"--adapters: 'separate' is not allowed for this checkpoint; its method "
+                         f"({checkpoint.method}) trained a soft prompt and whole blocks, no adapter: "
+                         "use --adapters merged")
+    if not checkpoint.adapter:
+        raise ValueError(f"--adapters: 'separate' is not allowed for this checkpoint; its method "
+                         f"({checkpoint.method}) trained every weight, so there is no adapter to ship: "
+                         "use --adapters merged")
 
 
 def _build(checkpoint: adapters.Checkpoint, peft_adapter: adapters.PeftAdapter, out: Path,
@@ -519,17 +558,47 @@ def _build(checkpoint: adapters.Checkpoint, peft_adapter: adapters.PeftAdapter, 
         params = _as_bare_adapter_graph(peft_model)
         lora_inputs = _export_graph(peft_model, task, config, graph_path, params)
         _write_adapter(out, checkpoint, peft_adapter, lora_inputs, entry)
+    labels = label_names(checkpoint.run_config, class_count(peft_adapter)) if task == "classification" else []
+    contents = Contents(task=task, base=base, adapter=entry, model=peft_model.get_base_model(),
+                        tokenizer=tokenizer, lora_inputs=lora_inputs, labels=labels,
+                        mode=AdapterMode.SEPARATE if adapter_mode == "separate" else AdapterMode.MERGED)
+    return finish_bundle(out, contents, quantization, key)
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a bundle's manifest says of its exported graph (:func:`finish_bundle`)."""
+
+    task: str
+    base: BaseModel
+    adapter: Adapter
+    """What was merged (MERGED), or the bundle's adapter file (SEPARATE)."""
+    model: nn.Module
+    """The transformers model the graph was exported from: its config, its generation config."""
+    tokenizer: PreTrainedTokenizerBase
+    mode: AdapterMode
+    lora_inputs: list[LoraInput]
+    labels: list[str]
+    """The class names (classification)."""
+    reserved: int = 0
+    """Positions of the model taken by a soft prompt inside the graph, not left to the input."""
+
+
+def finish_bundle(out: Path, contents: Contents, quantization: str, key: Any) -> BundleManifest:
+    """Quantise the saved graph, write the tokenizer and the (signed) manifest: how every bundle ends."""
+    graph_path = out / GRAPH_FILE
     if quantization != "none":
         quantize.quantize_file(graph_path, graph_path, quantization)
+    task, config = contents.task, getattr(contents.model, "config", None)
     result = BundleManifest(
         pollinate_version=manifest.pollinate_version(),
-        task=Task.CLASSIFICATION if task == "classification" else Task.GENERATION, base=base,
-        graph=_graph_message(graph_path, config, task, quantization, lora_inputs),
-        adapter_mode=AdapterMode.SEPARATE if adapter_mode == "separate" else AdapterMode.MERGED,
-        adapter=entry, tokenizer=_save_tokenizer(tokenizer, peft_model.get_base_model(), task, out),
+        task=Task.CLASSIFICATION if task == "classification" else Task.GENERATION, base=contents.base,
+        graph=_graph_message(graph_path, config, task, quantization, contents.lora_inputs, contents.reserved),
+        adapter_mode=contents.mode, adapter=contents.adapter,
+        tokenizer=_save_tokenizer(contents.tokenizer, contents.model, task, out, contents.reserved),
         producer=_producer())
     if task == "classification":
-        result.labels.extend(_label_names(checkpoint.run_config, class_count(peft_adapter)))
+        result.labels.extend(contents.labels)
     else:
         result.generation.max_new_tokens, result.generation.top_p = DEFAULT_MAX_NEW_TOKENS, 1.0
     manifest.write_bundle_manifest(out, result, key)

@@ -11,8 +11,9 @@ generates, the tokenizer's files, and :data:`MERGE_FILE`, which says where it ca
 ``AutoModelForCausalLM.from_pretrained(DIR)`` (``AutoModelForSequenceClassification`` for a classifier,
 with the run's label names in ``config.id2label``), without peft or pollinate.
 
-A method whose export view is ``unsupported`` (SFPrompt: a soft prompt prepended to the input, which no
-plain model folder holds) is refused in one line.
+A method whose export view is ``unsupported``, or ``merge_unsupported`` (SFPrompt: a soft prompt prepended
+to every input, which no plain model folder holds; its edge bundle's graph prepends it), is refused in
+one line.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def merge_checkpoint(source: Path, out: Path) -> dict[str, Any]:
         On a source that is not a checkpoint, a method that cannot be merged, a checkpoint file that no
         longer matches its manifest's SHA-256, or an ``out`` that exists and is not an empty folder.
     """
-    checkpoint = adapters.resolve_checkpoint(source, action="merged into a plain Hugging Face model")
+    action = "merged into a plain Hugging Face model"
+    checkpoint = adapters.resolve_checkpoint(source, action=action)
+    if checkpoint.merge_unsupported is not None:
+        raise adapters.refusal(checkpoint.folder, action, checkpoint.method, checkpoint.merge_unsupported)
     written = json.loads((checkpoint.folder / MANIFEST_FILE).read_text())
     digests = _verified_digests(checkpoint, written)
     peft_adapter = adapters.read_adapter(checkpoint.folder)

@@ -151,8 +151,9 @@ class TrainSpec:
 class Exportable:
     """How the edge export reads a method's checkpoint folder; recorded in its ``manifest.json``.
 
-    Every method's server trainee saves a peft LoRA view of itself (``adapter_config.json``,
-    ``adapter_model.safetensors``) in the checkpoint; LoRA-SB's folds R into A.
+    A method's server trainee saves a peft LoRA view of itself (``adapter_config.json``,
+    ``adapter_model.safetensors``) in the checkpoint; LoRA-SB's folds R into A. SFPrompt's saves its soft
+    prompt and tail instead (``prompt_state``).
     """
 
     base_delta: str | None = None
@@ -162,9 +163,16 @@ class Exportable:
     adapter: bool = True
     """False when the peft view holds no trained adapter (its factors are zero: every weight trained
     into the base delta), so only a merged export makes sense."""
+    prompt_state: str | None = None
+    """The checkpoint file of a soft prompt prepended to every input and the trained blocks (SFPrompt's
+    prompt and tail), which the export loads into the run's prompted model and exports merged, with the
+    prompt inside the graph; None: the checkpoint holds a peft view."""
     unsupported: str | None = None
-    """Why the edge export cannot take this method's checkpoints yet (None: it can); ``pollinate export``
-    refuses them with this reason."""
+    """Why neither the edge export nor ``pollinate merge`` can take this method's checkpoints (None: both
+    can, unless ``merge_unsupported`` says otherwise); both refuse them with this reason."""
+    merge_unsupported: str | None = None
+    """Why ``pollinate merge`` cannot take this method's checkpoints although the edge export can (None:
+    it can); it refuses them with this reason."""
 
 
 class Update(Protocol):

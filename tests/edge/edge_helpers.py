@@ -8,6 +8,8 @@ are drawn from a seeded generator (B non-zero), so the adapter changes the model
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -74,3 +76,35 @@ def load_reference(checkpoint: Path, *, model: str = "tiny-llama", task: str = "
                     delta = value if part == "D" else value @ flat[key[:-1] + "R"]
                     base.get_submodule(name).weight.add_(delta)
     return PeftModel.from_pretrained(base, str(checkpoint)).eval()
+
+
+# Runs in a fresh interpreter: importing torch, transformers or peft raises, then the runner's CLI runs
+# and must not have pulled any of them in.
+_BLOCKED_RUN = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft"):
+            raise ImportError(f"{name} is not installed on this device")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    raise SystemExit("the block does not work")
+from pollinate.edge.cli import main
+code = main(sys.argv[1:])
+assert not {"torch", "transformers", "peft"} & set(sys.modules), "a heavy module was imported"
+raise SystemExit(code)
+"""
+
+
+def run_without_torch(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m pollinate.edge ARGV`` in a fresh interpreter where torch, transformers and peft cannot
+    be imported; fails if the runner imported any of them."""
+    return subprocess.run([sys.executable, "-c", _BLOCKED_RUN, *argv], capture_output=True, text=True,
+                          timeout=120, check=False)

@@ -235,10 +235,31 @@ def test_a_simulation_runs_with_the_split_bytes_in_its_metrics(tmp_path: Path,
     checkpoint = path / (path / "LATEST").read_text().strip()
     assert (checkpoint / "sfprompt.safetensors").is_file()
     capsys.readouterr()
-    assert main(["export", str(path), "--out", str(tmp_path / "bundle")]) == 2  # refused, in one line
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(path), "--out", str(bundle), "--adapters", "separate"]) == 2  # no adapter
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cannot be exported: method 'sfprompt'" in err
+    assert len(err.splitlines()) == 1 and "(sfprompt) trained a soft prompt" in err
+    assert main(["export", str(path), "--out", str(bundle)]) == 0  # merged: the prompt inside the graph
+    diff = _bundle_against_the_checkpoint(path, checkpoint, bundle)
+    assert diff <= 1e-4
     print(f"\nsimulation: {summary['wall_seconds']:.1f} s, eval loss "
           f"{summary['initial_eval']['loss']:.4f} -> {summary['final_eval']['loss']:.4f}, "
           "split bytes up per client-round "
-          f"{clients[0]['method_figures']['split-bytes-up']:.0f}")
+          f"{clients[0]['method_figures']['split-bytes-up']:.0f}; bundle max |logit diff| {diff:.1e}")
+
+
+def _bundle_against_the_checkpoint(run: Path, checkpoint: Path, bundle: Path) -> float:
+    """The largest logit difference between the edge bundle and the server's prompted model rebuilt from
+    the run's configuration and its last checkpoint, on a right-padded batch of three texts."""
+    from safetensors.torch import load_file
+
+    from pollinate.edge.runtime import EdgeModel
+
+    server = SplitServer(RunConfig.from_run_config(json.loads((run / "config.json").read_text())))
+    server.load(load_file(str(checkpoint / "sfprompt.safetensors")), seed=0)
+    batch = server.tokenizer(["good", "a dull and boring film", "superb lovely great fine"], padding=True,
+                             return_tensors="pt")
+    with torch.no_grad():
+        want = server.model(batch["input_ids"], batch["attention_mask"]).logits.numpy()
+    got = EdgeModel(bundle).logits(batch["input_ids"].numpy(), batch["attention_mask"].numpy())
+    return float(abs(got - want).max())

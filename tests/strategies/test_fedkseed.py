@@ -91,7 +91,8 @@ def test_full_parameters_keep_the_weighted_mean_too(tmp_path: Path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     nodes = manifest["accepted_nodes"]
     assert len(nodes) == 3 and manifest["export"] == {"base_delta": DELTA_FILE, "adapter": False,
-                                                      "unsupported": None}
+                                                      "prompt_state": None, "unsupported": None,
+                                                      "merge_unsupported": None}
     p = normalised_weights([manifest["weights"][str(n)] for n in nodes])
     cfg = _cfg("fedkseed.params=full")
     start = ZerothOrderTrainee(cfg)

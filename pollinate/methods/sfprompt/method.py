@@ -45,7 +45,7 @@ from pollinate.methods.base import SYNC_TOLERANCE, Example, Exportable, Schema, 
 from pollinate.methods.plan import Estimate, ModelDims, Plan, micro_batches, seq_len_steps
 from pollinate.methods.settings import fail
 from pollinate.methods.sfprompt import memory
-from pollinate.methods.sfprompt.settings import check_cut
+from pollinate.methods.sfprompt.settings import SfPromptSettings, check_cut
 from pollinate.methods.sfprompt.split import FAMILIES, Body, BodyCompute, Split, keep_hardest, split_step
 from pollinate.training import TrainResult, batches, micro_batches_of
 
@@ -106,13 +106,16 @@ def max_tensor_bytes(cfg: RunConfig, hidden: int) -> int:
 
 
 def _cut(cfg: RunConfig) -> tuple[nn.Module, Any, Split]:
-    """The base model, its tokenizer and the split of it (prompt drawn from the run seed: every node's
-    starts equal, and round 1 sends the server's anyway)."""
+    """The base model, its tokenizer and the split of it (:func:`cut`)."""
     model, tokenizer = workload.base_model(cfg)
-    s = cfg.sfprompt
-    split = Split(model, head_layers=s.head_layers, tail_layers=s.tail_layers, prompt_tokens=s.prompt_tokens,
-                  seed=cfg.seed)
-    return model, tokenizer, split
+    return model, tokenizer, cut(model, cfg.sfprompt, cfg.seed)
+
+
+def cut(base: nn.Module, settings: SfPromptSettings, seed: int) -> Split:
+    """The split of ``base`` at the run's points, the prompt drawn from the run seed (every node's starts
+    equal, and round 1 sends the server's anyway)."""
+    return Split(base, head_layers=settings.head_layers, tail_layers=settings.tail_layers,
+                 prompt_tokens=settings.prompt_tokens, seed=seed)
 
 
 def _head_params(split: Split) -> dict[str, Tensor]:
@@ -335,6 +338,16 @@ class PromptedModel(nn.Module):
         self.base, self.prompt = base, split.prompt  # registered: parameters() and state_dict() see both
         self._split, self._body = split, body
 
+    @property
+    def split(self) -> Split:
+        """The cut (prompt, head, tail); :meth:`Split.load_state` sets what trains."""
+        return self._split
+
+    @property
+    def body(self) -> BodyCompute:
+        """The body's blocks, as the server's service runs them."""
+        return self._body
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
                 **_: Any) -> PromptedOutput:
         split = self._split
@@ -363,14 +376,26 @@ class PromptedModel(nn.Module):
         return ids
 
 
+def prompted_model(base: nn.Module, settings: SfPromptSettings, seed: int) -> PromptedModel:
+    """``base`` cut at the run's points, with the run's initial prompt, as one prompted model (eval mode).
+
+    The server's trainee is built this way; so is the edge export's model of a checkpoint (its prompt and
+    tail loaded with ``model.split.load_state``), so the bundle computes what the server evaluated.
+    """
+    split = cut(base, settings, seed)
+    body = BodyCompute(base, head_layers=settings.head_layers, tail_layers=settings.tail_layers)
+    return PromptedModel(base, split, body).eval()
+
+
 class SplitServer:
     """The server's trainee: the whole model with the prompt; its frozen body is what the service runs."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg, s = cfg, cfg.sfprompt
-        base, self.tokenizer, self.split = _cut(cfg)
-        self.body = BodyCompute(base, head_layers=s.head_layers, tail_layers=s.tail_layers)
-        self.model: nn.Module = PromptedModel(base, self.split, self.body).eval()
+        self.cfg = cfg
+        base, self.tokenizer = workload.base_model(cfg)
+        prompted = prompted_model(base, cfg.sfprompt, cfg.seed)
+        self.split, self.body = prompted.split, prompted.body
+        self.model: nn.Module = prompted
         self.version = 0
 
     def load(self, state: Mapping[str, Tensor], *, seed: int) -> None:
@@ -473,6 +498,9 @@ class SfPromptMethod:
         return schema_of(server.upload())
 
     def export_view(self) -> Exportable:
-        return Exportable(unsupported="a soft prompt prepended to the input embeddings has no place in a "
-                                      "plain model folder or an edge bundle yet; the checkpoint keeps prompt "
-                                      "and tail in sfprompt.safetensors")
+        """The prompt and the tail (:data:`STATE_FILE`), no peft view: the edge export bakes the prompt into
+        a merged graph (:mod:`pollinate.edge.prompted`); ``pollinate merge`` refuses the checkpoint."""
+        return Exportable(adapter=False, prompt_state=STATE_FILE,
+                          merge_unsupported="a plain Hugging Face model folder has no place for the soft "
+                                            "prompt prepended to every input; `pollinate export` builds an "
+                                            "edge bundle whose graph prepends it")
