@@ -19,6 +19,7 @@ from pollinate.privacy.accountant import check_target
 from pollinate.server.global_model import GlobalModel
 from pollinate.server.loop import run_federation, same_run
 from pollinate.server.progress import RoundProgress
+from pollinate.server.report import write_report
 from pollinate.server.rundir import CheckpointError, RunDir
 from pollinate.strategies import build_strategy
 
@@ -38,7 +39,7 @@ def prepare(cfg: RunConfig) -> GlobalModel:
 
 def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel | None = None
           ) -> dict[str, Any]:
-    """Run the federation into ``run_path``; print the outcome; return the summary."""
+    """Run the federation into ``run_path``; write report.html; print the outcome; return the summary."""
     model = global_model or prepare(cfg)
     run_dir = RunDir(run_path)
     run_dir.remove_temp_files()  # a killed run's leftovers: never read
@@ -50,6 +51,7 @@ def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel 
             summary["sample"] = {"prompt": sample["prompt"], "reference": sample["response"],
                                  "base": base_answer, "fine_tuned": model.answer(str(sample["prompt"]))}
             run_dir.write_json("summary.json", summary)
+        write_report(run_dir)  # after the sample: the report shows it
         _print_outcome(progress, summary, run_path)
     return summary
 

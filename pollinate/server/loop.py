@@ -34,7 +34,6 @@ from pollinate.privacy.accountant import Accountant
 from pollinate.protocol import ClientReport
 from pollinate.server.global_model import GlobalModel
 from pollinate.server.progress import RoundProgress
-from pollinate.server.report import write_report
 from pollinate.server.rundir import CheckpointError, Recovery, RunDir, unverified
 from pollinate.server.validate import BOUND_POLICIES, CHECKS, Rejection, RoundChecks
 from pollinate.strategies import PollinateStrategy, build_strategy
@@ -518,7 +517,8 @@ def same_run(run_path: Path, cfg: RunConfig) -> None:
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: GlobalModel,
                    progress: RoundProgress) -> dict[str, Any]:
-    """Run the setup and every round, then write summary.json and report.html; returns the summary."""
+    """Run the setup and every round, then write summary.json; returns the summary (the caller adds the
+    sample answers and writes report.html)."""
     start = time.perf_counter()
     recovery = run_dir.recover() if cfg.resume else Recovery(None)
     if recovery.checkpoint is not None:
@@ -569,5 +569,4 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir, global_model: Gl
         **({"stopped": stop} if stop is not None else {}),
     }
     run_dir.write_json("summary.json", summary)
-    write_report(run_dir)
     return summary

@@ -10,7 +10,6 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from pollinate import models
-from pollinate.cli import main
 
 REQUIRED_SUMMARY = {"strategy", "method", "model", "task", "num_clients", "rounds_completed",
                     "initial_eval", "final_eval", "bytes_up_total", "bytes_down_total",
@@ -20,13 +19,9 @@ CLIENT_KEYS = {"node_id", "method", "num_examples", "train_loss", "peak_mem_byte
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sim") / "run"
-    code = main(["simulate", "--run-dir", str(path), "--set", "model=tiny-llama",
-                 "--set", "num-clients=3", "--set", "rounds=2", "--set", "local-steps=4",
-                 "--set", "eval-examples=16", "--set", "lr=0.005"])
-    assert code == 0
-    return path
+def run(tiny_run: Path) -> Path:
+    """tests/server/conftest.py's run (tiny-llama, 3 clients, 2 rounds), shared with the report's tests."""
+    return tiny_run
 
 
 def test_run_folder_is_complete(run: Path) -> None:
