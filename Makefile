@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull the CUDA build (several GB).
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,tracking]"
 	$(BIN)/pip install --quiet --no-deps $(OFFLINE)
 	@if $(BIN)/pip list 2>/dev/null | grep -qi '^nvidia'; then echo "CUDA packages were pulled in" >&2; exit 1; fi
 	touch $(STAMP)

@@ -31,6 +31,7 @@ from pollinate.privacy.settings import DpSettings
 Scalar = bool | int | float | str
 EVAL_SPLITS = ("held-out", "validation", "clients")
 ROBUST = ("none", "clip")  # the keys of pollinate.server.validate.BOUND_POLICIES
+TRACKING = ("none", "tensorboard", "mlflow")  # the keys of pollinate.server.tracking.TRACKERS
 
 @dataclass(frozen=True)
 class DataFields:
@@ -131,6 +132,14 @@ class RunConfig:
     resume: bool = field(default=False, metadata=_key("resume"))
     """Continue the run in ``run-dir`` from its last committed round (a run folder without one starts
     afresh); the rest of the configuration must be the run's own, ``rounds`` aside."""
+    tracking: str = field(default="none", metadata=_key("tracking"))
+    """Also log the run's figures, configuration and results to ``tensorboard`` (event files in
+    ``<run>/tensorboard``) or ``mlflow`` (a run in ``<run>/mlflow``, or at ``tracking-uri``); ``none``
+    imports neither. Needs the ``tracking`` extra."""
+    tracking_uri: str = field(default="", metadata=_key("tracking-uri"))
+    """With ``tracking = "mlflow"``: the tracking server or store (``http://host:5000``,
+    ``sqlite:///mlflow.db``); empty: a store inside the run folder. A flat key of its own: in Flower's
+    run config ``tracking`` cannot be both a value and a table."""
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"table": "lora"})
     fedsb: FedSbSettings = field(default_factory=FedSbSettings, metadata={"table": "fedsb"})
     fedkseed: FedKSeedSettings = field(default_factory=FedKSeedSettings, metadata={"table": "fedkseed"})
@@ -167,6 +176,11 @@ class RunConfig:
             raise _fail("update-bound", self.update_bound, "give 0 (off) or a factor above 1")
         if self.robust not in ROBUST:
             raise _fail("robust", self.robust, f"allowed: {', '.join(ROBUST)}")
+        if self.tracking not in TRACKING:
+            raise _fail("tracking", self.tracking, f"allowed: {', '.join(TRACKING)}")
+        if self.tracking_uri and self.tracking != "mlflow":
+            raise _fail("tracking-uri", self.tracking_uri, f"only tracking = \"mlflow\" logs to a URI "
+                        f"(tracking is {self.tracking!r}); leave it empty")
         if self.max_examples < 0:
             raise _fail("max-examples", self.max_examples, "it must be 0 (the largest share) or positive")
         if self.resume and not self.run_dir:

@@ -76,9 +76,11 @@ def _serve(args: argparse.Namespace) -> int:
     from pollinate.cli import resolve_config
     from pollinate.deploy.serve import serve
     from pollinate.server.app import new_run_id
+    from pollinate.server.tracking import build_tracker
 
     cfg = resolve_config(args.config, args.set, args.run_dir)
     cfg = cfg.replace(run_dir=str(cfg.resolved_run_dir(new_run_id()).resolve()))
+    build_tracker(cfg)  # a missing tracking library or an unreachable server stops here, not in the app
     code = serve(cfg, args.certs, args.address, args.state, args.wait)
     print(f"run folder: {cfg.run_dir}" if code == 0 else f"the run ended with exit code {code}")
     return code

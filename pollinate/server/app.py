@@ -21,6 +21,7 @@ from pollinate.server.loop import run_federation, same_run
 from pollinate.server.progress import RoundProgress
 from pollinate.server.report import write_report
 from pollinate.server.rundir import CheckpointError, RunDir
+from pollinate.server.tracking import Tracker, build_tracker
 from pollinate.strategies import build_strategy
 
 
@@ -37,21 +38,29 @@ def prepare(cfg: RunConfig) -> GlobalModel:
     return GlobalModel(cfg, build_strategy(cfg).method)
 
 
-def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel | None = None
-          ) -> dict[str, Any]:
-    """Run the federation into ``run_path``; write report.html; print the outcome; return the summary."""
+def serve(grid: Grid, cfg: RunConfig, run_path: Path, global_model: GlobalModel | None = None,
+          tracker: Tracker | None = None) -> dict[str, Any]:
+    """Run the federation into ``run_path``, logging to ``tracker`` (by default the one ``tracking``
+    names); write report.html; print the outcome; return the summary."""
+    tracker = tracker or build_tracker(cfg)  # a missing library, an unreachable server: nothing started
     model = global_model or prepare(cfg)
-    run_dir = RunDir(run_path)
+    run_dir = RunDir(run_path, on_event=tracker.log_event)
     run_dir.remove_temp_files()  # a killed run's leftovers: never read
     sample = model.heldout[0] if cfg.task == GENERATION else None
     base_answer = model.answer(str(sample["prompt"])) if sample else ""  # before any merge
+    tracker.start(run_dir, cfg.to_run_config())
     with RoundProgress(cfg.rounds) as progress:
-        summary = run_federation(grid, cfg, run_dir, model, progress)
-        if sample:
-            summary["sample"] = {"prompt": sample["prompt"], "reference": sample["response"],
-                                 "base": base_answer, "fine_tuned": model.answer(str(sample["prompt"]))}
-            run_dir.write_json("summary.json", summary)
-        write_report(run_dir)  # after the sample: the report shows it
+        try:
+            summary = run_federation(grid, cfg, run_dir, model, progress)
+            if sample:
+                summary["sample"] = {"prompt": sample["prompt"], "reference": sample["response"],
+                                     "base": base_answer, "fine_tuned": model.answer(str(sample["prompt"]))}
+                run_dir.write_json("summary.json", summary)
+            write_report(run_dir)  # after the sample: the report shows it
+        except BaseException:
+            tracker.finish(run_dir, completed=False)
+            raise
+        tracker.finish(run_dir)  # after the report: it is an artefact
         _print_outcome(progress, summary, run_path)
     return summary
 
@@ -72,15 +81,16 @@ def _print_outcome(progress: RoundProgress, summary: dict[str, Any], run_path: P
 
 
 def make_server_app(cfg: RunConfig, run_path: Path, global_model: GlobalModel,
-                    failures: list[CheckpointError]) -> ServerApp:
-    """A ServerApp bound to an already-checked configuration (used by ``pollinate simulate``); a
-    checkpoint that cannot be written or read ends the run and is handed back in ``failures``."""
+                    failures: list[CheckpointError], tracker: Tracker | None = None) -> ServerApp:
+    """A ServerApp bound to an already-checked configuration and tracker (used by ``pollinate
+    simulate``); a checkpoint that cannot be written or read ends the run and is handed back in
+    ``failures``."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            serve(grid, cfg, run_path, global_model)
+            serve(grid, cfg, run_path, global_model, tracker)
         except CheckpointError as err:
             failures.append(err)
 

@@ -43,8 +43,9 @@ PULL_INTERVAL = 0.1  # seconds between polls for replies
 STATE_FILE = "state.safetensors"  # a checkpoint's global state, exactly as sent to the next round's nodes
 RESUME_FILE = "resume.safetensors"  # the strategy's own state (strategy.*) and torch's RNG state
 HISTORY_FILE = "history-{:04d}.safetensors"  # update v of the strategy's history
-UNCHANGED_ON_RESUME = frozenset(["rounds", "resume", "run-dir"])
-"""Run-config keys a resumed run may give otherwise than the run did (``rounds``: to go on further)."""
+UNCHANGED_ON_RESUME = frozenset(["rounds", "resume", "run-dir", "tracking", "tracking-uri"])
+"""Run-config keys a resumed run may give otherwise than the run did (``rounds``: to go on further;
+tracking changes no result, and a run folder older than the tracking keys has none)."""
 
 
 @dataclass

@@ -80,8 +80,10 @@ class RunDir:
     calls :meth:`remove_temp_files` (or :meth:`recover`) at start-up.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = path
+        self.on_event = on_event
+        """Called with each event once its line is in metrics.jsonl (an experiment tracker)."""
         self.checkpoints = path / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
 
@@ -100,6 +102,8 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(event, sort_keys=True) + "\n")
             f.flush()
+        if self.on_event is not None:
+            self.on_event(event)
 
     def events(self) -> list[dict[str, Any]]:
         """Every line of metrics.jsonl, in order (a last line cut short by a kill is left out)."""

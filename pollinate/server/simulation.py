@@ -15,6 +15,7 @@ from pollinate.client.app import app as client_app
 from pollinate.config import RunConfig
 from pollinate.server.app import make_server_app, prepare
 from pollinate.server.rundir import CheckpointError
+from pollinate.server.tracking import build_tracker
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -50,9 +51,10 @@ def simulate(cfg: RunConfig, run_path: Path, verbose: bool = False) -> dict[str,
     """Check ``cfg`` by building the global model, then run the federation; returns the summary."""
     if not verbose:
         _quiet_libraries()
+    tracker = build_tracker(cfg)  # a missing tracking library or an unreachable server stops here
     global_model = prepare(cfg)  # every configuration error stops here, before Ray starts
     failures: list[CheckpointError] = []
-    run_simulation(server_app=make_server_app(cfg, run_path, global_model, failures),
+    run_simulation(server_app=make_server_app(cfg, run_path, global_model, failures, tracker),
                    client_app=client_app, num_supernodes=cfg.num_clients,
                    backend_config=backend_config(cfg), verbose_logging=verbose)
     if failures:

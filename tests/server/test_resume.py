@@ -97,6 +97,7 @@ def test_resume_refuses_another_configuration(tmp_path: Path, capsys: pytest.Cap
                  "eval-examples=8"]) == 0
     assert main(["simulate", "--resume", str(run), "--set", "lr=0.1"]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        "had another configuration (lr: 0.003 -> 0.1); only resume, rounds, run-dir may change")
+        "had another configuration (lr: 0.003 -> 0.1); only resume, rounds, run-dir, tracking, tracking-uri "
+        "may change")
     assert main(["simulate", "--resume", str(tmp_path / "nothing")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
